@@ -82,8 +82,9 @@ def make_weight_dataset(
             raise ValueError(f"{num_fields} fields but {len(values)} {quality_column} values")
         arrays[quality_column] = pa.array(values, type=pa.float32())
     arrays["index"] = pa.array(index)
-    table = pa.table(arrays)
-    dataset = Dataset(table).cast(make_weight_features(spec.num_params, quality_column))
+    # Built with the final schema: no cast pass, and Arrow shares the numpy memory instead of copying it.
+    schema = make_weight_features(spec.num_params, quality_column).arrow_schema
+    dataset = Dataset(pa.Table.from_arrays(list(arrays.values()), schema=schema))
     return attach_metadata(dataset, spec, shared_init, source, fit)
 
 
