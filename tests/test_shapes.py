@@ -394,3 +394,13 @@ def test_load_shape_source_dispatches_by_path(tmp_path):
         load_shape_source(other)
     with pytest.raises(ValueError, match="does not exist"):
         load_shape_source(tmp_path / "missing.npz")
+
+
+def test_voxel_centres_are_the_grid_itself():
+    grid = sphere_grid(8, 0.3)
+    source = VoxelGridSource(grid[None], fill=False)
+    coords, occupancy = source.points([0], 123, split="centres")
+    assert coords.shape == (1, 512, 3) and occupancy.shape == (1, 512, 1)
+    assert torch.equal(occupancy[0, :, 0].bool(), torch.from_numpy(grid.reshape(-1)))
+    # the centre of voxel (i, j, k) is ((i, j, k) + 0.5) / 8 - 0.5
+    assert torch.allclose(coords[0, 8 * 8 * 2 + 8 * 3 + 5], torch.tensor([2.5, 3.5, 5.5]) / 8 - 0.5)

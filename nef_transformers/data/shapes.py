@@ -139,6 +139,7 @@ class VoxelGridSource:
     fill: bool = True
 
     kind = "occupancy"
+    eval_split = "centres"  # IoU on every voxel centre (see `voxel_centres`)
 
     def __post_init__(self):
         voxels = np.asarray(self.voxels)
@@ -208,6 +209,8 @@ class VoxelGridSource:
         Returns:
             coords ``(b, n, 3)`` float32 in ``[-0.5, 0.5]``, occupancy ``(b, n, 1)`` float32 in {0, 1}.
         """
+        if split == "centres":
+            return self.voxel_centres(indices)
         indices = _check_points_args(f"voxel source {self.name!r}", indices, len(self), num_points, split, seed)
         r = self.resolution
         num_uniform = num_points if split == "eval" else num_points // 2
@@ -227,6 +230,20 @@ class VoxelGridSource:
             cells = np.minimum((points + np.float64(0.5)) * r, r - 1).astype(np.intp)  # (n, 3)
             occupancy[row] = self.voxels[index][cells[:, 0], cells[:, 1], cells[:, 2]]
         return torch.from_numpy(coords), torch.from_numpy(occupancy[..., None])
+
+    def voxel_centres(self, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every voxel centre and its occupancy: ``(b, R³, 3)``, ``(b, R³, 1)``.
+
+        The held-out points for a voxel source's IoU (``eval_split``): the ground truth is defined per voxel,
+        and random points inside boundary voxels would score a smooth field against the blocky voxel faces.
+        """
+        indices = _check_points_args(f"voxel source {self.name!r}", indices, len(self), 1, "eval", 0)
+        r = self.resolution
+        axis = (np.arange(r, dtype=np.float32) + 0.5) / r - 0.5
+        centres = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(1, -1, 3)
+        coords = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(centres, (len(indices), r ** 3, 3))))
+        occupancy = torch.from_numpy(self.voxels[np.asarray(indices)].reshape(len(indices), -1, 1).astype(np.float32))
+        return coords, occupancy
 
     def describe(self) -> dict:
         """What a weight dataset stores about its source."""
@@ -398,6 +415,7 @@ class MeshFolderSource:
     class_names: list[str] = field(init=False)
 
     kind = "occupancy"
+    eval_split = "eval"  # IoU on uniform held-out points (Occupancy Networks)
 
     def __post_init__(self):
         self.root = Path(self.root)

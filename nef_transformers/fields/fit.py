@@ -159,7 +159,7 @@ class StackedSiren:
                 pre.mul_(spec.omega_0)
                 torch.sin(pre, out=act)
             else:
-                torch.relu(pre, out=act)
+                torch.clamp_min(pre, 0.0, out=act)
             saved.append(act)
             hidden = act
         raise AssertionError("unreachable")
@@ -295,7 +295,8 @@ def fit_neural_fields(
         shared_init: ``(p,)`` initial weights to share (default: drawn from ``config.seed``). Fitting a large
             source in pieces (shards, processes) passes the same tensor to every piece.
         progress: show a progress bar (or a `tqdm` bar to advance).
-        eval_points, train_points: occupancy only: held-out points for IoU and training points per shape.
+        eval_points, train_points: occupancy only: held-out points for IoU (the source's ``eval_split``: uniform
+            points for meshes, every voxel centre for voxel grids) and training points per shape.
 
     Returns:
         a `FitResult`: weights ``(b, p)``, ``psnr`` (images, fit-a-nef's definition) or ``iou`` (held-out
@@ -336,7 +337,8 @@ def fit_neural_fields(
             eval_coords, eval_signals = coords, signals
         else:
             coords, signals = source.points(batch, train_points, split="train", seed=config.seed)
-            eval_coords, eval_signals = source.points(batch, eval_points, split="eval", seed=config.seed)
+            eval_coords, eval_signals = source.points(batch, eval_points, split=getattr(source, "eval_split", "eval"),
+                                                      seed=config.seed)
             coords, signals = coords.to(device), signals.to(device)
         fitted, curve = fit_batch(spec, batch_init, coords, signals, config, task=source.kind, field_ids=batch,
                                   generator=generator, on_step=lambda _: bar.update(len(batch)))
