@@ -56,3 +56,22 @@ def test_two_process_accelerate_launch_splits_the_shards(tmp_path):
     assert len(dataset) == 12 and sorted(dataset["index"]) == dataset["index"]
     assert sorted(p.name for p in (out / "shards").iterdir()) == [
         "shard-000000-000004", "shard-000004-000008", "shard-000008-000012"]
+
+
+def test_fit_command_on_voxel_grids_and_mesh_folders(tmp_path, shared_data):
+    import trimesh
+
+    voxels = tmp_path / "voxels"
+    assert main(["fit", "--source", str(shared_data / "shapes" / "modelnet10_chair_32.npz"), "--num-fields", "2",
+                 "--out", str(voxels), "--steps", "3", "--hidden-dim", "4"]) == 0
+    dataset = load_nef_dataset(voxels)
+    assert "iou" in dataset.column_names and get_spec(dataset).in_dim == 3
+
+    meshes = tmp_path / "meshes"
+    for name, mesh in [("box", trimesh.creation.box()), ("ball", trimesh.creation.icosphere(subdivisions=2))]:
+        (meshes / name).mkdir(parents=True)
+        mesh.export(meshes / name / "model.obj")
+    assert main(["fit", "--source", str(meshes), "--out", str(tmp_path / "mesh-run"), "--steps", "3",
+                 "--hidden-dim", "4"]) == 0
+    dataset = load_nef_dataset(tmp_path / "mesh-run")
+    assert sorted(dataset["label"]) == [0, 1] and len(dataset) == 2
