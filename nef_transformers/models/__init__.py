@@ -1,0 +1,1 @@
+"""Model architectures: `nef_gpt` (NefGPT)."""

@@ -1,0 +1,182 @@
+"""examples/train.py: in-process runs (resume = uninterrupted, errors, regression head, push_to_hub with patched
+hub calls) and one real 2-process CPU run under `accelerate launch` that stops and resumes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as conftest.py: no hub calls (the subprocesses inherit it)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO / "examples" / "train.py"
+NUM_CODES, LENGTH = 13, 10
+TINY = ["--hidden_size", "32", "--num_hidden_layers", "2", "--per_device_train_batch_size", "8",
+        "--lr_warmup_steps", "1", "--logging_steps", "1", "--eval_steps", "2", "--report_to", "none"]
+
+
+def load_train_module():
+    spec = importlib.util.spec_from_file_location("nef_train_example", TRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train():
+    return load_train_module()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator: reset accelerate's process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A word-level tokenizer (3 specials + 13 codes) and tiny datasets of random ids and chunks, until the
+    real NefVQTokenizer's folders are used here."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("train_data")
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"<c{i}>": i + 3 for i in range(NUM_CODES)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                            eos_token="<eos>").save_pretrained(root / "tokenizer")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 3 + NUM_CODES, (40, LENGTH), generator=generator)
+    ids[:, 0], ids[:, -1] = 1, 2
+    labels = (torch.arange(40) % 3).tolist()
+    Dataset.from_dict({"input_ids": ids.tolist(), "label": labels}).save_to_disk(root / "ids")
+    bad = ids.clone()
+    bad[3, 4] = 3 + NUM_CODES + 5
+    Dataset.from_dict({"input_ids": bad.tolist()}).save_to_disk(root / "ids_other_vocab")
+    # naive strategy: a real NeuronChunker of a 2->4->1 SIREN (4 chunks of 3 values, 1 of 5, padded to 5)
+    from nef_transformers.fields.spec import SirenSpec
+    from nef_transformers.tokenization import NeuronChunker
+
+    spec = SirenSpec(hidden_dim=4, num_layers=2)
+    chunker = NeuronChunker(spec, torch.zeros(spec.num_params))
+    chunker.save_pretrained(root / "chunker")
+    chunks = chunker.to_chunks(torch.randn(40, spec.num_params, generator=generator))
+    Dataset.from_dict({"chunks": chunks.tolist(), "label": labels}).save_to_disk(root / "chunks")
+    return root
+
+
+def ids_args(data, output_dir, *extra):
+    return ["--dataset", str(data / "ids"), "--tokenizer", str(data / "tokenizer"), "--output_dir", str(output_dir),
+            *TINY, *extra]
+
+
+def test_interrupted_run_resumes_without_lost_steps(train, data, tmp_path):
+    common = ["--max_train_steps", "6", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "2"]
+    straight = train.main(ids_args(data, tmp_path / "straight", *common))
+    assert straight["finished"] and straight["completed_steps"] == 6 and straight["world_size"] == 1
+    # 36 train rows / 8 = 5 batches = 3 steps per epoch: stopping at 4 resumes in the middle of epoch 1
+    stopped = train.main(ids_args(data, tmp_path / "resumed", *common, "--stop_after_steps", "4"))
+    assert not stopped["finished"] and stopped["completed_steps"] == 4
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    resumed = train.main(ids_args(data, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest"))
+    assert resumed["finished"] and resumed["resumed_from"].endswith("step_4")
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged"
+    assert resumed["eval_loss"] == straight["eval_loss"]
+
+    with pytest.raises(ValueError, match=r"cannot resume .*hidden_size: checkpoint 32, now 64"):
+        train.main(ids_args(data, tmp_path / "resumed", *common, "--resume_from_checkpoint", "latest")
+                   + ["--hidden_size", "64"])
+
+
+def test_output_folder_reloads_through_auto_classes(train, data, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    summary = train.main(ids_args(data, tmp_path, "--max_train_steps", "3", "--class_conditional"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    model.config.check_tokenizer(tokenizer)
+    assert model.config.num_classes == 3 and summary["head"] == "causal_lm"
+    samples = model.generate(class_labels=torch.tensor([0, 2]), seed=0)
+    assert samples.shape == (2, LENGTH)
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert any("eval_loss" in record for record in state["log_history"])
+
+
+def test_regression_head_trains_on_chunks(train, data, tmp_path):
+    from nef_transformers.models.nef_gpt import NefGPTForWeightRegression
+    from nef_transformers.tokenization import NeuronChunker
+
+    summary = train.main(["--dataset", str(data / "chunks"), "--tokenizer", str(data / "chunker"),
+                          "--output_dir", str(tmp_path), *TINY, "--max_train_steps", "3", "--mixed_precision", "bf16"])
+    assert summary["head"] == "regression" and summary["eval_loss"] is not None
+    model = NefGPTForWeightRegression.from_pretrained(tmp_path)
+    assert model.config.token_chunk_widths == [3, 3, 3, 3, 5] and model.config.token_layer_ids == [1, 1, 1, 1, 2]
+    chunker = NeuronChunker.from_pretrained(tmp_path / "tokenizer")
+    samples = model.sample(2, seed=0)
+    assert samples.shape == (2, 5, 5) and (samples[:, :4, 3:] == 0).all(), "padding stays zero"
+    assert chunker.from_chunks(samples).shape == (2, chunker.spec.num_params)
+
+
+def test_bad_datasets_raise_clear_errors(train, data, tmp_path):
+    with pytest.raises(ValueError, match=r"train split: input_ids hold ids in \[1, 21\] but the model's vocabulary is \[0, 16\)"):
+        train.main(["--dataset", str(data / "ids_other_vocab"), "--tokenizer", str(data / "tokenizer"),
+                    "--output_dir", str(tmp_path), *TINY])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(["--dataset", str(tmp_path / "missing"), "--output_dir", str(tmp_path), *TINY])
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train.main(ids_args(data, tmp_path / "fresh", "--resume_from_checkpoint", "latest"))
+
+
+def test_push_to_hub_pushes_the_final_folder(train, data, tmp_path):
+    from huggingface_hub import HfApi, ModelCard
+
+    with mock.patch.object(HfApi, "create_repo") as create_repo, \
+            mock.patch.object(HfApi, "create_commit") as create_commit, \
+            mock.patch.object(ModelCard, "load", side_effect=AssertionError("no hub README download")):
+        summary = train.main(ids_args(data, tmp_path, "--max_train_steps", "2", "--checkpointing_steps", "1",
+                                      "--push_to_hub", "someone/nef-gpt-test"))
+    create_repo.assert_called_once()
+    assert create_repo.call_args.args[0] == "someone/nef-gpt-test"
+    create_commit.assert_called_once()
+    operations = create_commit.call_args.kwargs["operations"]
+    pushed = {op.path_in_repo for op in operations}
+    assert pushed == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                      "tokenizer_config.json", "README.md", "trainer_state.json"}
+    assert pushed == set(summary["pushed_files"])
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card and "someone/nef-gpt-test" in card
+
+
+def test_two_cpu_processes_train_and_resume(data, tmp_path):
+    """HF_NOTES trap 3: --multi_gpu + Accelerator(cpu=True) gives one gloo run of world size 2."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT), "--cpu",
+              *ids_args(data, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2",
+                        "--per_device_train_batch_size", "4")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(launch + ["--stop_after_steps", "2"], env=env, capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "step_2").is_dir() and not (tmp_path / "model.safetensors").exists()
+    second = subprocess.run(launch + ["--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert second.returncode == 0, second.stderr[-3000:]
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["world_size"] == 2, "two launched processes must form one run of world size 2"
+    assert state["completed_steps"] == 4 and state["resumed_from"].endswith("step_2")
+    assert (tmp_path / "model.safetensors").is_file()
