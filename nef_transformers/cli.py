@@ -1,4 +1,4 @@
-"""`nef-transformers` command line: ``fit`` (and the later stages as they land).
+"""`nef-transformers` command line: ``fit`` and ``tokenize``.
 
 Imports are lazy so that ``--help`` answers at once (importing transformers/datasets costs seconds).
 
@@ -8,6 +8,7 @@ Examples::
     nef-transformers fit --source ../shared/data/shapes/modelnet10_chair_32.npz --num-fields 889 --out runs/chairs
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
         -m nef_transformers.cli fit --source mnist --num-fields 5000 --out runs/mnist5k
+    nef-transformers tokenize --nefs runs/mnist --strategy vq --out runs/mnist-vq
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch CPU threads (default: all cores; 1 per process under accelerate)")
     fit.add_argument("--from-hub", action="store_true", help="mnist: the full public data set instead of the embedded one")
     fit.set_defaults(handler=run_fit)
+
+    from .tokenization.command import add_tokenize_command
+
+    add_tokenize_command(commands)
     return parser
 
 
