@@ -241,7 +241,7 @@ class VoxelGridSource:
         r = self.resolution
         axis = (np.arange(r, dtype=np.float32) + 0.5) / r - 0.5
         centres = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), axis=-1).reshape(1, -1, 3)
-        coords = torch.from_numpy(np.ascontiguousarray(np.broadcast_to(centres, (len(indices), r ** 3, 3))))
+        coords = torch.from_numpy(np.repeat(centres, len(indices), axis=0))
         occupancy = torch.from_numpy(self.voxels[np.asarray(indices)].reshape(len(indices), -1, 1).astype(np.float32))
         return coords, occupancy
 
