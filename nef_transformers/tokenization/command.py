@@ -9,20 +9,11 @@ The parser needs nothing heavy; the handler imports torch, datasets and the toke
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from ..cli import _positive_int
+
 STRATEGIES = ("vq", "naive", "learned")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_tokenize_command(subparsers) -> None:
