@@ -120,6 +120,14 @@ def run_fit(args) -> int:
         wait_for_everyone=state.wait_for_everyone if state else None,
     )
     if state is None or state.is_main_process:
+        if source.kind == "image":
+            from .data.metadata import weights_tensor
+            from .fields.preview import save_image_preview
+
+            first = dataset.select(range(min(16, len(dataset))))
+            preview = save_image_preview(source, spec, weights_tensor(first), first["index"],
+                                         os.path.join(args.out, "preview.png"))
+            print(f"preview of the first fields beside their images: {preview}")
         quality = "psnr" if "psnr" in dataset.column_names else "iou"
         values = np.asarray(dataset[quality])
         unit = " dB" if quality == "psnr" else ""

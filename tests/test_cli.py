@@ -21,6 +21,10 @@ def test_fit_command_writes_a_loadable_dataset(tmp_path, capsys):
     assert len(dataset) == 6 and get_spec(dataset).hidden_dim == 4
     assert len(set(np.asarray(dataset["label"]).tolist())) > 1  # a seeded subset, not the first class only
     assert "6 fields of SirenSpec" in capsys.readouterr().out
+    from PIL import Image
+
+    preview = Image.open(out / "preview.png")  # 6 pairs of 28-pixel digits, scaled up for reading
+    assert preview.width >= 6 * (2 * 28 + 1) and preview.height > 28
 
 
 @pytest.mark.parametrize("args, message", [

@@ -219,3 +219,17 @@ def test_marching_cubes_of_a_sphere_and_of_an_empty_field():
     empty = torch.zeros(1, spec.num_params)
     empty[0, -1] = -5.0  # output bias: every point outside
     assert render_meshes(spec, empty, resolution=16) == [None]
+
+
+def test_preview_grid_puts_each_fitted_image_beside_its_real_one():
+    from nef_transformers.fields.preview import image_pairs_grid
+
+    rng = np.random.default_rng(0)
+    real, fitted = rng.random((3, 4, 5, 1)), rng.random((3, 4, 5, 1))
+    grid = image_pairs_grid(real, fitted, columns=2)
+    assert grid.shape == (2 * 5 + 1, 2 * 12 + 1, 1) and grid.dtype == np.uint8
+    # third pair: second row, first column
+    assert np.array_equal(grid[6:10, 1:6], np.round(real[2] * 255).astype(np.uint8))
+    assert np.array_equal(grid[6:10, 7:12], np.round(fitted[2] * 255).astype(np.uint8))
+    with pytest.raises(ValueError, match="differ in shape"):
+        image_pairs_grid(real, fitted[:2])
