@@ -279,7 +279,23 @@ def sequence_layout(tokenizer, head: str, chunk_dim: int | None = None) -> dict:
     return layout
 
 
-def build_config(args, head: str, values, labels, tokenizer):
+def field_info(dataset, tokenizer) -> dict:
+    """``field_spec`` / ``field_source`` for the config: from the dataset's nef metadata (which `nef-transformers
+    tokenize` keeps), else the spec from the tokenizer; lets the pipeline rebuild and render samples."""
+    from nef_transformers.data.metadata import get_source_info, get_spec
+
+    try:
+        return {"field_spec": get_spec(dataset).to_dict(), "field_source": get_source_info(dataset)}
+    except ValueError:
+        pass
+    for holder in (tokenizer, getattr(tokenizer, "chunker", None)):
+        spec = getattr(holder, "siren_spec", None) or getattr(holder, "spec", None)
+        if spec is not None and hasattr(spec, "to_dict"):
+            return {"field_spec": spec.to_dict()}
+    return {}
+
+
+def build_config(args, head: str, values, labels, tokenizer, info: dict | None = None):
     from nef_transformers.models.nef_gpt import NefGPTConfig
 
     if head == "causal_lm" and tokenizer is not None and not is_vocabulary_tokenizer(tokenizer):
@@ -295,6 +311,7 @@ def build_config(args, head: str, values, labels, tokenizer):
         hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
         num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
         hidden_dropout=args.dropout, attention_dropout=args.dropout, max_position_embeddings=length, **layout,
+        **(info or {}),
     )
     if head == "causal_lm":
         if tokenizer is None:
@@ -443,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     all_labels = None
     if train_labels is not None:
         all_labels = train_labels if val_labels is None else torch.cat([train_labels, val_labels])
-    config = build_config(args, head, train_values, all_labels, tokenizer)
+    config = build_config(args, head, train_values, all_labels, tokenizer, field_info(train_set, tokenizer))
     if tokenizer is not None and head == "causal_lm":
         config.check_tokenizer(tokenizer)
     check_sequences(train_values, config, head, "train")

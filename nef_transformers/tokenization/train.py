@@ -280,6 +280,9 @@ def train_tokenizer(
         info.update(settings=asdict(config), epochs=autoencoder_epochs, tokens_per_field=tokenizer.num_tokens,
                     latent_dim=config.latent_dim, **stats)
         tokenised = _chunks_dataset(latents, dataset)
+    # The tokenised set keeps the weight dataset's metadata (spec, shared init, source), so that a model trained
+    # on it knows how to rebuild and render its fields (examples/train.py copies spec and source into its config).
+    tokenised.info.description = dataset.info.description
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

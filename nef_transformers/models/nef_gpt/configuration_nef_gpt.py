@@ -93,6 +93,12 @@ class NefGPTConfig(PretrainedConfig):
         min_log_std (`float`, *optional*, defaults to -7.0):
             Lower bound of the predicted log standard deviations: keeps the NLL finite on (near-)constant
             entries.
+        field_spec (`dict`, *optional*):
+            The `SirenSpec` (as a dict) of the fields the sequences decode to; recorded by `examples/train.py`
+            from the dataset's metadata. Not used by the model; the `neural-field-generation` pipeline reads it.
+        field_source (`dict`, *optional*):
+            The source description of the training fields (`kind` `"image"` or `"occupancy"`, image shape,
+            mean/std, class names); lets the pipeline render samples. Not used by the model.
 
     Example:
 
@@ -134,6 +140,8 @@ class NefGPTConfig(PretrainedConfig):
     token_chunk_widths: list[int] | None = None
     num_mixtures: int = 8
     min_log_std: float | int = -7.0
+    field_spec: dict | None = None
+    field_source: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
