@@ -1,0 +1,655 @@
+"""Train NefGPT on a tokenised weight dataset with 🤗 Accelerate: the code behind ``examples/train.py`` (and the
+quickstart's training stage, which calls `main` in-process).
+
+Run from the repository root. One process (CPU, or one GPU when there is one)::
+
+    python examples/train.py --dataset runs/mnist/vq/dataset --tokenizer runs/mnist/vq/tokenizer --output_dir runs/mnist/nef_gpt
+
+The same under the launcher (reads your ``accelerate config``)::
+
+    accelerate launch examples/train.py --dataset runs/mnist/vq/dataset --tokenizer runs/mnist/vq/tokenizer \\
+        --output_dir runs/mnist/nef_gpt
+
+Two CPU processes (gloo; ``--cpu --num_processes 2`` alone would start ONE process, see ../shared/HF_NOTES.md)::
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
+        examples/train.py --cpu --dataset runs/mnist/vq/dataset --tokenizer runs/mnist/vq/tokenizer --output_dir runs/mnist/nef_gpt
+
+Several GPUs in bf16::
+
+    accelerate launch --multi_gpu --num_processes 4 --mixed_precision bf16 examples/train.py \\
+        --dataset runs/mnist/vq/dataset --tokenizer runs/mnist/vq/tokenizer --output_dir runs/mnist/nef_gpt
+
+Resume an interrupted run: the same command plus ``--resume_from_checkpoint latest`` (or a checkpoint folder).
+Continuous chunks (naive / learned-embedding strategies): a dataset with a ``chunks`` column trains
+`NefGPTForWeightRegression` instead (``--head auto`` picks it). ``--push_to_hub user/name`` uploads the final
+folder with the model card rendered from ``hub_cards/nef_gpt_model_card.md``.
+
+Input: ``--dataset`` is a ``datasets`` ``save_to_disk`` folder (a ``Dataset``, or a ``DatasetDict`` with
+``train`` and ``validation``/``test``) with an ``input_ids`` column (fixed-length VQ ids) or a ``chunks``
+column (``(t, w)`` floats per field), plus ``label`` for ``--class_conditional``. ``--tokenizer`` is the folder
+of the tokenization that made it (``nef-transformers tokenize``'s ``OUT/tokenizer``): it fixes the vocabulary,
+the special ids and the structural positions, and is saved with the model.
+
+Output (``--output_dir``): ``config.json``, ``model.safetensors``, ``generation_config.json``, the VQ tokenizer
+files (a chunker or autoencoder goes to ``tokenizer/``), ``README.md`` (the model card), ``trainer_state.json``
+(log history, world size); ``checkpoints/step_N/`` (``save_state``) and ``logs/`` (TensorBoard, when installed)
+are not pushed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CARD_TEMPLATE = REPO_ROOT / "hub_cards" / "nef_gpt_model_card.md"
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "nef_training_state.json"  # written last: a checkpoint without it is incomplete and ignored
+HEADS = ("auto", "causal_lm", "regression")
+LOCAL_ONLY = ("checkpoints", "logs")  # sub-folders of --output_dir that are never pushed
+# Arguments that change the optimisation trajectory: resuming with other values is refused.
+TRAJECTORY_ARGS = ("head", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                   "weight_decay", "adam_beta1", "adam_beta2", "lr_warmup_steps", "max_grad_norm", "seed",
+                   "validation_split", "class_conditional")
+
+logger = logging.getLogger("train")
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", required=True, help="save_to_disk folder with input_ids or chunks")
+    data.add_argument("--tokenizer", default=None,
+                      help="tokenizer folder (AutoTokenizer); required for input_ids, optional for chunks")
+    data.add_argument("--output_dir", required=True)
+    data.add_argument("--validation_split", type=_fraction, default=0.1,
+                      help="share held out for validation when the dataset has no validation/test split")
+    data.add_argument("--class_conditional", action="store_true", help="condition on the dataset's label column")
+
+    model = parser.add_argument_group("model (see NefGPTConfig)")
+    model.add_argument("--head", choices=HEADS, default="auto",
+                       help="causal_lm for input_ids, regression for chunks; auto picks from the columns")
+    model.add_argument("--hidden_size", type=_positive_int, default=128)
+    model.add_argument("--num_hidden_layers", type=_positive_int, default=4)
+    model.add_argument("--num_attention_heads", type=_positive_int, default=4)
+    model.add_argument("--num_key_value_heads", type=_positive_int, default=1)
+    model.add_argument("--dropout", type=_fraction, default=0.0, help="hidden and attention dropout")
+    model.add_argument("--num_mixtures", type=_positive_int, default=8, help="regression head only")
+
+    train = parser.add_argument_group("optimisation")
+    train.add_argument("--per_device_train_batch_size", type=_positive_int, default=32)
+    train.add_argument("--per_device_eval_batch_size", type=_positive_int, default=64)
+    train.add_argument("--gradient_accumulation_steps", type=_positive_int, default=1)
+    train.add_argument("--learning_rate", type=_positive_float, default=5e-4)
+    train.add_argument("--weight_decay", type=float, default=0.1)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.95)
+    train.add_argument("--max_grad_norm", type=_positive_float, default=1.0)
+    train.add_argument("--num_train_epochs", type=_positive_int, default=10)
+    train.add_argument("--max_train_steps", type=_positive_int, default=None,
+                       help="optimizer steps in total; overrides --num_train_epochs")
+    train.add_argument("--lr_warmup_steps", type=_non_negative_int, default=100,
+                       help="linear warm-up steps, then cosine decay to 0")
+    train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                       help="default: what accelerate launch / accelerate config says")
+    train.add_argument("--cpu", action="store_true", help="train on CPU even if a GPU is present")
+    train.add_argument("--num_threads", type=_positive_int, default=None,
+                       help="torch threads per process on CPU (default 1: faster for small models on few cores)")
+    train.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("checkpoints, logging, hub")
+    run.add_argument("--checkpointing_steps", type=_positive_int, default=500, help="save_state every N steps")
+    run.add_argument("--checkpoints_total_limit", type=_positive_int, default=2, help="keep the newest N checkpoints")
+    run.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    run.add_argument("--stop_after_steps", type=_positive_int, default=None,
+                     help="checkpoint and stop once this many steps are done (e.g. a job time limit); "
+                          "continue later with --resume_from_checkpoint latest")
+    run.add_argument("--eval_steps", type=_positive_int, default=500, help="validation loss every N steps (and at the end)")
+    run.add_argument("--logging_steps", type=_positive_int, default=50)
+    run.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto",
+                     help="auto: TensorBoard when installed")
+    run.add_argument("--push_to_hub", default=None, metavar="REPO", help="push the final folder to this hub repo")
+    run.add_argument("--hub_private", action="store_true")
+    run.add_argument("--model_card_template", default=str(DEFAULT_CARD_TEMPLATE))
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def load_splits(path: str, validation_split: float, seed: int):
+    """``(train, validation)`` `datasets.Dataset`s from a save_to_disk folder (split off when absent)."""
+    from datasets import DatasetDict, load_from_disk
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--dataset {path} does not exist (expected a datasets.save_to_disk folder)")
+    try:
+        dataset = load_from_disk(path)
+    except Exception as error:
+        raise ValueError(f"--dataset {path} is not a readable datasets.save_to_disk folder: {error}") from error
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise ValueError(f"--dataset {path} has splits {list(dataset)} but no 'train'")
+        validation = next((dataset[name] for name in ("validation", "test") if name in dataset), None)
+        train = dataset["train"]
+    else:
+        train, validation = dataset, None
+    if validation is None:
+        if validation_split == 0 or len(train) < 2:
+            return train, None
+        num_val = max(1, round(validation_split * len(train)))
+        parts = train.train_test_split(test_size=num_val, seed=seed, shuffle=True)
+        train, validation = parts["train"], parts["test"]
+    return train, validation
+
+
+def to_tensors(dataset, column: str, class_conditional: bool):
+    """Materialise once into tensors (>10x less loader overhead than a DataLoader over the dataset)."""
+    import torch
+
+    if column not in dataset.column_names:
+        raise ValueError(f"the dataset has columns {dataset.column_names}; expected '{column}'")
+    columns = [column] + (["label"] if class_conditional else [])
+    if class_conditional and "label" not in dataset.column_names:
+        raise ValueError("--class_conditional needs a 'label' column in the dataset")
+    table = dataset.with_format("torch", columns=columns)[:]
+    values = table[column]
+    if isinstance(values, list):
+        raise ValueError(f"column '{column}' has rows of different lengths; NefGPT needs fixed-length sequences")
+    values = values.long() if column == "input_ids" else values.float()
+    expected_ndim = 2 if column == "input_ids" else 3
+    if values.ndim != expected_ndim:
+        raise ValueError(f"column '{column}' has shape {tuple(values.shape)}; expected {expected_ndim} dimensions")
+    labels = table["label"].long() if class_conditional else None
+    return values, labels
+
+
+def detect_head(dataset, head: str) -> str:
+    if head != "auto":
+        return head
+    if "input_ids" in dataset.column_names:
+        return "causal_lm"
+    if "chunks" in dataset.column_names:
+        return "regression"
+    raise ValueError(f"the dataset has columns {dataset.column_names}: need input_ids (VQ ids) or chunks (continuous)")
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+def load_tokenizer(path: str | None):
+    """The tokenization the dataset was made with, from the folder `nef-transformers tokenize` wrote (OUT/tokenizer):
+    a `NeuronChunker` (naive), a `NefAutoencoder` (learned) or, for VQ ids, any `AutoTokenizer` folder."""
+    if path is None:
+        return None
+    import nef_transformers  # noqa: F401  (registers the AutoClasses)
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--tokenizer {path} is not a folder")
+    try:
+        if (folder / "chunker_config.json").is_file():
+            from nef_transformers.tokenization import NeuronChunker
+
+            return NeuronChunker.from_pretrained(folder)
+        config_file = folder / "config.json"
+        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "nef_autoencoder":
+            from nef_transformers.tokenization import NefAutoencoder
+
+            return NefAutoencoder.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as error:
+        raise ValueError(f"could not load the tokenizer in {path} ({type(error).__name__}: {error})") from error
+
+
+def is_vocabulary_tokenizer(tokenizer) -> bool:
+    return hasattr(tokenizer, "bos_token_id") and hasattr(tokenizer, "__len__")
+
+
+def token_id_ranges(tokenizer) -> list[list[int]] | None:
+    """`[start, end)` of the ids allowed at each position: the tokenizer's `token_id_ranges()` when it has one,
+    else NefVQTokenizer's per-code `code_offset` and `codebook_size` (one id range per codebook and level)."""
+    if hasattr(tokenizer, "token_id_ranges"):
+        return [[int(start), int(end)] for start, end in tokenizer.token_id_ranges()]
+    offsets, size = getattr(tokenizer, "code_offset", None), getattr(tokenizer, "codebook_size", None)
+    if offsets is None or size is None:
+        return None
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [[bos, bos + 1]] + [[int(offset), int(offset) + int(size)] for offset in offsets] + [[eos, eos + 1]]
+
+
+def sequence_layout(tokenizer, head: str, chunk_dim: int | None = None) -> dict:
+    """The structural lists of `NefGPTConfig` from a tokenization (duck-typed), ids counted from 1:
+    `structure_ids()` of a VQ tokenizer (0 at BOS/EOS); for continuous chunks the chunker's `layer_ids`,
+    `neuron_ids` and, when the dataset holds the chunks themselves (not latents), their real `widths`."""
+    if tokenizer is None:
+        return {}
+    if head == "causal_lm":
+        if not hasattr(tokenizer, "structure_ids"):
+            logger.info("the tokenizer has no structure_ids(): training without structural embeddings")
+            return {}
+        ids = tokenizer.structure_ids()
+        layout = {f"token_{key}": [int(v) for v in ids[key]] for key in ("layer_ids", "neuron_ids", "level_ids")
+                  if key in ids}
+        ranges = token_id_ranges(tokenizer)
+        if ranges is not None:
+            layout["token_id_ranges"] = ranges
+        return layout
+    chunker = getattr(tokenizer, "chunker", tokenizer)
+    if not hasattr(chunker, "layer_ids"):
+        return {}
+    layout = {"token_layer_ids": [int(v) + 1 for v in chunker.layer_ids],
+              "token_neuron_ids": [int(v) + 1 for v in chunker.neuron_ids]}
+    if chunker is tokenizer and hasattr(chunker, "widths") and chunk_dim == int(chunker.mask.shape[1]):
+        layout["token_chunk_widths"] = [int(v) for v in chunker.widths]
+    return layout
+
+
+def field_info(dataset, tokenizer) -> dict:
+    """``field_spec`` / ``field_source`` for the config: from the dataset's nef metadata (which `nef-transformers
+    tokenize` keeps), else the spec from the tokenizer; lets the pipeline rebuild and render samples."""
+    from nef_transformers.data.metadata import get_source_info, get_spec
+
+    try:
+        return {"field_spec": get_spec(dataset).to_dict(), "field_source": get_source_info(dataset)}
+    except ValueError:
+        pass
+    for holder in (tokenizer, getattr(tokenizer, "chunker", None)):
+        spec = getattr(holder, "siren_spec", None) or getattr(holder, "spec", None)
+        if spec is not None and hasattr(spec, "to_dict"):
+            return {"field_spec": spec.to_dict()}
+    return {}
+
+
+def build_config(args, head: str, values, labels, tokenizer, info: dict | None = None):
+    from nef_transformers.models.nef_gpt import NefGPTConfig
+
+    if head == "causal_lm" and tokenizer is not None and not is_vocabulary_tokenizer(tokenizer):
+        raise ValueError(f"--tokenizer is a {type(tokenizer).__name__}, which makes continuous chunks; input_ids "
+                         "need the VQ tokenizer that produced them")
+    layout = sequence_layout(tokenizer, head, values.shape[2] if values.ndim == 3 else None)
+    length = values.shape[1]
+    for name, ids in layout.items():
+        if len(ids) != length:
+            raise ValueError(f"the dataset's sequences have {length} positions but the tokenizer's {name} has "
+                             f"{len(ids)}: was the dataset made by another tokenizer?")
+    kwargs = dict(
+        hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_key_value_heads,
+        hidden_dropout=args.dropout, attention_dropout=args.dropout, max_position_embeddings=length, **layout,
+        **(info or {}),
+    )
+    if head == "causal_lm":
+        if tokenizer is None:
+            raise ValueError("--tokenizer is required for input_ids: it fixes the vocabulary and the special ids")
+        kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    else:
+        kwargs.update(chunk_dim=values.shape[2], num_mixtures=args.num_mixtures)
+    if labels is not None:
+        if int(labels.min()) < 0:
+            raise ValueError(f"--class_conditional: the label column holds {int(labels.min())} (unknown label); "
+                             "drop those rows or train without --class_conditional")
+        kwargs["num_classes"] = int(labels.max()) + 1
+    return NefGPTConfig(**kwargs)
+
+
+def check_sequences(values, config, head: str, split: str) -> None:
+    from nef_transformers.models.nef_gpt.modeling_nef_gpt import check_token_ids
+
+    if head == "causal_lm":
+        try:
+            check_token_ids(values, config.vocab_size)
+        except ValueError as error:
+            raise ValueError(f"{split} split: {error} (tokenizer vocabulary: {config.vocab_size} ids)") from None
+    if values.shape[1] != config.sequence_length:
+        raise ValueError(f"{split} split has sequences of {values.shape[1]} positions; the model expects "
+                         f"{config.sequence_length}")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def run_signature(args, config, world_size: int, max_train_steps: int, num_train: int, num_validation: int) -> dict:
+    """What must be equal for a resumed run to continue the same trajectory."""
+    model = {k: v for k, v in config.to_dict().items()
+             if k not in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype")}
+    signature = {name: getattr(args, name) for name in TRAJECTORY_ARGS}
+    signature.update(world_size=world_size, max_train_steps=max_train_steps, num_train=num_train,
+                     num_validation=num_validation, model_config=model)
+    return signature
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (their state file written), oldest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_checkpoint(spec: str, output_dir: Path) -> Path:
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no complete checkpoint in {output_dir / 'checkpoints'}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: not a complete checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def describe_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += describe_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            short = lambda v: (repr(v)[:60] + "...") if len(repr(v)) > 60 else repr(v)  # noqa: E731
+            differences.append(f"{prefix}{key}: checkpoint {short(old)}, now {short(new)}")
+    return differences
+
+
+# ------------------------------------------------------------------------------------------------ model card
+def render_model_card(template: str, folder: Path, context: dict) -> None:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    if not Path(template).is_file():
+        raise FileNotFoundError(f"model card template {template} not found")
+    card_data = ModelCardData(library_name="transformers", license="apache-2.0",
+                              tags=["nef_transformers", "nef_gpt", "neural-fields", "weight-space"])
+    card = ModelCard.from_template(card_data, template_path=template, **context)
+    card.save(folder / "README.md")
+
+
+def push_folder(folder: Path, repo_id: str, private: bool) -> list[str]:
+    """One commit with the final folder's files (checkpoints and logs stay local); returns the pushed paths."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.relative_to(folder).parts[0] not in LOCAL_ONLY)
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
+    api.create_commit(repo_id, operations=operations, commit_message="Upload NefGPT trained with examples/train.py")
+    return files
+
+
+# -------------------------------------------------------------------------------------------------- training
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.INFO)
+
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from torch.utils.data import DataLoader, TensorDataset
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from nef_transformers.models.nef_gpt import NefGPTForCausalLM, NefGPTForWeightRegression, register
+
+    register()
+    output_dir = Path(args.output_dir)
+    report_to = args.report_to
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+
+            report_to = "tensorboard"
+        except ImportError:
+            report_to = "none"
+    accelerator = Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        # the same shuffle per epoch in every run: a resumed run sees exactly the batches it had left
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if accelerator.device.type == "cpu":
+        # ../shared/HF_NOTES.md trap 2: torch's default threads make small models several times slower on few
+        # cores; `accelerate launch` sets 1, plain python does not
+        torch.set_num_threads(args.num_threads or 1)
+    set_seed(args.seed)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+
+    # 1. data, tokenizer, config
+    train_set, val_set = load_splits(args.dataset, args.validation_split, args.seed)
+    head = detect_head(train_set, args.head)
+    column = "input_ids" if head == "causal_lm" else "chunks"
+    train_values, train_labels = to_tensors(train_set, column, args.class_conditional)
+    val_values, val_labels = (to_tensors(val_set, column, args.class_conditional) if val_set is not None else (None, None))
+    tokenizer = load_tokenizer(args.tokenizer)
+    all_labels = None
+    if train_labels is not None:
+        all_labels = train_labels if val_labels is None else torch.cat([train_labels, val_labels])
+    config = build_config(args, head, train_values, all_labels, tokenizer, field_info(train_set, tokenizer))
+    if tokenizer is not None and head == "causal_lm":
+        config.check_tokenizer(tokenizer)
+    check_sequences(train_values, config, head, "train")
+    if val_values is not None:
+        check_sequences(val_values, config, head, "validation")
+
+    model = (NefGPTForCausalLM if head == "causal_lm" else NefGPTForWeightRegression)(config)
+    logger.info("%s: %.2fM parameters, %d train / %d validation sequences of %d positions, world size %d",
+                type(model).__name__, model.num_parameters() / 1e6, len(train_values),
+                0 if val_values is None else len(val_values), config.sequence_length, accelerator.num_processes)
+
+    def make_dataset(values, labels):
+        return TensorDataset(values) if labels is None else TensorDataset(values, labels)
+
+    generator = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(make_dataset(train_values, train_labels), batch_size=args.per_device_train_batch_size,
+                              shuffle=True, generator=generator)
+    val_loader = (DataLoader(make_dataset(val_values, val_labels), batch_size=args.per_device_eval_batch_size)
+                  if val_values is not None else None)
+
+    # 2. optimizer: decay matrices, not biases, norms or the start vector (nanoGPT)
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    # the prepared scheduler steps once per process per call (accelerate), hence the factor
+    scheduler = get_cosine_schedule_with_warmup(optimizer, args.lr_warmup_steps * accelerator.num_processes,
+                                                max_train_steps * accelerator.num_processes)
+    scheduler = accelerator.prepare(scheduler)
+    signature = run_signature(args, config, accelerator.num_processes, max_train_steps, len(train_values),
+                              0 if val_values is None else len(val_values))
+
+    # 3. resume
+    completed_steps, resumed_from = 0, None
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        differences = describe_differences(state["signature"], json.loads(json.dumps(signature)))
+        if differences:
+            raise ValueError(f"cannot resume from {checkpoint}: the run differs from the one that wrote it ("
+                             + "; ".join(differences) + "). Resume with the original arguments, or start a new "
+                             "--output_dir")
+        accelerator.load_state(str(checkpoint))
+        completed_steps, resumed_from = int(state["completed_steps"]), str(checkpoint)
+        logger.info("resumed from %s at step %d", checkpoint, completed_steps)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.init_trackers("nef_gpt", config={k: v for k, v in vars(args).items()
+                                                 if isinstance(v, (int, float, str, bool))})
+
+    def forward(batch, model):
+        values = batch[0]
+        class_labels = batch[1] if len(batch) > 1 else None
+        if head == "causal_lm":
+            return model(input_ids=values, labels=values, class_labels=class_labels, use_cache=False)
+        return model(labels=values, class_labels=class_labels, use_cache=False)
+
+    def evaluate() -> float | None:
+        if val_loader is None:
+            return None
+        model.eval()
+        losses = []
+        with torch.no_grad():
+            for batch in val_loader:
+                loss = forward(batch, model).loss
+                losses.append(accelerator.gather_for_metrics(loss.detach().float().repeat(batch[0].shape[0])))
+        model.train()
+        return float(torch.cat(losses).mean())
+
+    def save_checkpoint(step: int) -> None:
+        folder = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+        accelerator.save_state(str(folder))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (folder / STATE_FILE).write_text(json.dumps({"completed_steps": step, "signature": signature}, indent=1))
+            for old in list_checkpoints(output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # 4. train
+    history: list[dict] = []
+    start_epoch = completed_steps // steps_per_epoch
+    skip_batches = (completed_steps % steps_per_epoch) * args.gradient_accumulation_steps
+    stop_at = min(max_train_steps, args.stop_after_steps or max_train_steps)
+    model.train()
+    progress = tqdm(total=max_train_steps, initial=completed_steps, desc="training", unit="step",
+                    disable=not accelerator.is_local_main_process)
+    running_loss, running_count, tokens_seen, start_time = 0.0, 0, 0, time.perf_counter()
+    for epoch in range(start_epoch, num_epochs):
+        if completed_steps >= stop_at:
+            break
+        train_loader.set_epoch(epoch)
+        batches = train_loader
+        if epoch == start_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_loader, skip_batches)
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = forward(batch, model).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running_loss += float(loss.detach())
+            running_count += 1
+            tokens_seen += batch[0].shape[0] * batch[0].shape[1] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            completed_steps += 1
+            progress.update(1)
+            if completed_steps % args.logging_steps == 0 or completed_steps == stop_at:
+                record = {"step": completed_steps, "epoch": epoch, "train_loss": running_loss / running_count,
+                          "learning_rate": scheduler.get_last_lr()[0],
+                          "tokens_per_s": tokens_seen / (time.perf_counter() - start_time)}
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=completed_steps)
+                history.append(record)
+                progress.set_postfix(loss=f"{record['train_loss']:.4f}")
+                running_loss, running_count = 0.0, 0
+            if completed_steps % args.eval_steps == 0 and completed_steps != max_train_steps:
+                eval_loss = evaluate()
+                if eval_loss is not None:
+                    accelerator.log({"eval_loss": eval_loss}, step=completed_steps)
+                    history.append({"step": completed_steps, "eval_loss": eval_loss})
+            if completed_steps % args.checkpointing_steps == 0 or completed_steps == stop_at:
+                save_checkpoint(completed_steps)
+            if completed_steps >= stop_at:
+                break
+    progress.close()
+
+    # 5. validation, final folder, model card, hub
+    summary = {"completed_steps": completed_steps, "max_train_steps": max_train_steps,
+               "world_size": accelerator.num_processes, "resumed_from": resumed_from, "head": head,
+               "num_parameters": accelerator.unwrap_model(model).num_parameters(), "finished": False,
+               "log_history": history}
+    if completed_steps < max_train_steps:
+        logger.info("stopped after step %d of %d (--stop_after_steps); resume with --resume_from_checkpoint latest",
+                    completed_steps, max_train_steps)
+        accelerator.end_training()
+        return summary
+    eval_loss = evaluate()
+    summary.update(finished=True, eval_loss=eval_loss)
+    if eval_loss is not None:
+        accelerator.log({"eval_loss": eval_loss}, step=completed_steps)
+        history.append({"step": completed_steps, "eval_loss": eval_loss})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(output_dir)
+        if tokenizer is not None:
+            # VQ tokenizers sit next to the model (AutoTokenizer, the pipeline); a chunker or autoencoder (whose
+            # config.json would clash with the model's) goes to tokenizer/, as in `nef-transformers tokenize`'s OUT
+            tokenizer.save_pretrained(output_dir if head == "causal_lm" else output_dir / "tokenizer")
+        (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=1))
+        dataset_name = Path(args.dataset).name
+        render_model_card(args.model_card_template, output_dir, {
+            "model_name": args.push_to_hub or output_dir.name, "head": head,
+            "architecture": type(unwrapped).__name__, "config": unwrapped.config,
+            "num_parameters_m": f"{summary['num_parameters'] / 1e6:.2f}", "dataset_name": dataset_name,
+            "num_train": len(train_values), "num_validation": 0 if val_values is None else len(val_values),
+            "eval_loss": "n/a" if eval_loss is None else f"{eval_loss:.4f}", "completed_steps": completed_steps,
+            "world_size": accelerator.num_processes, "args": vars(args),
+        })
+        logger.info("saved %s to %s (validation loss %s)", type(unwrapped).__name__, output_dir, eval_loss)
+        if args.push_to_hub:
+            summary["pushed_files"] = push_folder(output_dir, args.push_to_hub, args.hub_private)
+            logger.info("pushed %d files to %s", len(summary["pushed_files"]), args.push_to_hub)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+
+def cli() -> None:
+    """``examples/train.py``'s entry point: ``main()``, with bad input reported as one error line (exit code 2)."""
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        logging.getLogger("train").error("%s", error)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
