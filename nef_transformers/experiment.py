@@ -1,0 +1,595 @@
+"""End-to-end runs, stage by stage and resumable: split -> fit -> tokenize -> train -> sample -> evaluate.
+
+`nef-transformers quickstart` runs one strategy and one sampling setting; ``benchmarks/generation_quality.py``
+runs several strategies over a top-k x temperature grid, with oracle and baseline rows. Both drive a `Run`.
+
+Folder layout (``OUT``)::
+
+    run.json                    identity: source, split, settings, package version (another run's folder is refused)
+    fields/                     fit of the training items (`fit_to_disk`, resumable shards; OUT/fields/dataset)
+    reference/                  real items as .npy (test and training images or point clouds), the feature net
+    {strategy}/tokenization/    `train_tokenizer` output (tokenizer/, dataset/, tokenize.json)
+    {strategy}/model/           the trained NefGPT: pipeline("neural-field-generation", model=...) loads it
+    {strategy}/samples/k{K}_t{T}.safetensors   generated weights of one sampling setting
+
+Each stage is skipped when its output is complete, and every output is written to a temporary name then
+renamed, so Ctrl-C leaves either nothing or a finished stage; training resumes from its last checkpoint.
+
+Splits: a seeded permutation of the source (``split_seed``); MNIST's embedded 5,000 digits give 4,000 / 1,000,
+ModelNet10's 889 chairs 711 / 178 (``test_fraction`` 0.2). Only training items are fitted: generated fields are
+compared with the real held-out items (images, or point clouds sampled from the real shapes), as in
+HyperDiffusion.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+RUN_FORMAT = 1
+STRATEGIES = ("naive", "vq", "learned")
+NUM_POINTS = 2048  # points per cloud for the shape metrics (HyperDiffusion)
+MESH_RESOLUTION = 64  # marching-cubes lattice of generated shapes
+
+
+class RunMismatchError(ValueError):
+    """The output folder holds a run of another source, split or settings."""
+
+
+@dataclass
+class RunConfig:
+    """What a run is: the source, the split, the fields, the tokenization and the model (see the module doc).
+
+    ``None`` values mean the source's defaults (`default_spec`, `default_fit_config`).
+    """
+
+    source: str = "mnist"
+    # items of the source used (a seeded subset), then split; None: all of them
+    num_items: int | None = None
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    # fitting
+    fit_steps: int | None = None
+    fit_batch_size: int | None = None
+    # tokenization (vq: NefVQTokenizer, one token per weight; naive: continuous per-neuron chunks)
+    strategy: str = "naive"
+    # NefGPT and its training (nef_transformers.training options)
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_mixtures: int = 8
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    num_train_epochs: int = 30
+    max_train_steps: int | None = None
+    class_conditional: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def identity(self) -> dict:
+        """The settings that make outputs incomparable when they change (run.json)."""
+        return {"source": str(self.source), "num_items": self.num_items, "test_fraction": self.test_fraction,
+                "split_seed": self.split_seed, "fit_steps": self.fit_steps, "fit_batch_size": self.fit_batch_size}
+
+
+def _atomic_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def check_output_folder(out: Path, identity: dict, fresh: bool = False) -> str:
+    """Create or reuse ``out``: ``"new"``, ``"resumed"``, or ``"restarted"`` (``fresh``: wipe a previous run).
+
+    A folder from another run (other source, split or fit settings) is refused with the differences listed; a
+    non-empty folder that is not a run is refused. A folder that cannot be written fails here, before any work.
+    """
+    from . import __version__
+
+    out = Path(out)
+    marker = out / "run.json"
+    state = "new"
+    if out.exists():
+        if not out.is_dir():
+            raise NotADirectoryError(f"--out {out} exists and is not a folder")
+        if marker.is_file():
+            if fresh:
+                shutil.rmtree(out)
+                state = "restarted"
+            else:
+                saved = json.loads(marker.read_text(encoding="utf-8"))
+                differences = [f"{k}: folder has {saved['identity'].get(k)!r}, now {v!r}"
+                               for k, v in identity.items() if saved["identity"].get(k) != v]
+                if saved.get("format") != RUN_FORMAT:
+                    differences.append(f"run format {saved.get('format')} (this version writes {RUN_FORMAT})")
+                if differences:
+                    raise RunMismatchError(
+                        f"{out} holds another run ({'; '.join(differences)}): pass --fresh to delete it and start "
+                        f"again, or choose another --out")
+                state = "resumed"
+        elif any(out.iterdir()):
+            raise RunMismatchError(f"{out} is not empty and holds no run.json: choose an empty or new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".write_test"
+    try:
+        probe.write_bytes(b"0" * 1024)
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write to {out} ({error.strerror or error}): choose a writable --out") from error
+    if state != "resumed":
+        _atomic_json(marker, {"format": RUN_FORMAT, "identity": identity, "version": __version__})
+    return state
+
+
+def subset_source(source, indices: Sequence[int]):
+    """The items ``indices`` of a source as a source of its own (same normalisation and class names)."""
+    from .data.images import ImageSource
+    from .data.shapes import VoxelGridSource
+
+    indices = np.asarray(indices, dtype=np.int64)
+    if isinstance(source, ImageSource):
+        return ImageSource(source.images[indices], source.labels[indices], name=source.name, mean=source.mean,
+                           std=source.std, class_names=list(source.class_names))
+    if isinstance(source, VoxelGridSource):
+        return VoxelGridSource(source.voxels[indices], source.labels[indices], name=source.name,
+                               class_names=list(source.class_names), fill=False)
+    if hasattr(source, "files"):  # MeshFolderSource
+        part = copy.copy(source)
+        part.files = [source.files[i] for i in indices]
+        part.labels = source.labels[indices]
+        part._digests = {}
+        return part
+    raise TypeError(f"cannot take a subset of a {type(source).__name__}")
+
+
+def split_indices(num_items: int, test_fraction: float, seed: int, subset: int | None = None):
+    """A seeded permutation (its first ``subset`` items when given) cut into (train, test) index arrays, sorted."""
+    order = np.random.default_rng(seed).permutation(num_items)
+    if subset is not None:
+        if subset > num_items:
+            raise ValueError(f"--num-items {subset} is more than the source has ({num_items} items)")
+        order = order[:subset]
+    num_items = len(order)
+    if num_items < 4:
+        raise ValueError(f"need at least 4 items to split into training and test sets, got {num_items}")
+    num_test = max(2, int(round(test_fraction * num_items)))
+    return np.sort(order[num_test:]), np.sort(order[:num_test])
+
+
+# ------------------------------------------------------------------------------------------------ real items
+def real_images(source, indices) -> np.ndarray:
+    """``(b, H, W, C)`` float32 images in [0, 1]."""
+    images = source.images[np.asarray(indices)]
+    return images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
+
+
+def real_point_clouds(source, indices, num_points: int = NUM_POINTS, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """``(b, num_points, 3)`` points on the real shapes: the voxel grids' marching-cubes surfaces, or the meshes."""
+    from tqdm.auto import tqdm
+
+    from .data.shapes import load_normalized_mesh, sample_surface
+    from .fields.render import extract_mesh, sample_point_cloud
+
+    clouds = []
+    for n, i in enumerate(tqdm(list(indices), desc="real point clouds", disable=not progress)):
+        if hasattr(source, "voxels"):
+            grid = np.pad(source.voxels[i].astype(np.float32), 1)
+            resolution = grid.shape[0]
+            # voxel centres span [-0.5 + h/2, 0.5 - h/2]; with the padding the lattice spans one cell more
+            bound = 0.5 + 0.5 / source.resolution
+            mesh = extract_mesh(grid, level=0.5, bound=bound * (resolution - 1) / resolution)
+            clouds.append(sample_point_cloud(mesh, num_points, seed + n))
+        else:
+            vertices, faces = load_normalized_mesh(source.files[i])
+            clouds.append(sample_surface(vertices, faces, num_points, np.random.default_rng(seed + n)).astype(np.float32))
+    return np.stack(clouds)
+
+
+def render_items(kind: str, spec, weights: torch.Tensor, source_info: dict, device="cpu", seed: int = 0,
+                 progress: bool = True) -> tuple[list, np.ndarray]:
+    """Generated weights -> items for the metrics: images, or point clouds. Returns ``(items, valid)`` where
+    invalid rows (NaN/inf weights, fields that render empty) are None and counted by the caller."""
+    from tqdm.auto import tqdm
+
+    from .fields.render import render_images, render_meshes, sample_point_cloud
+
+    weights = weights.float()
+    finite = torch.isfinite(weights).all(1).cpu().numpy()
+    items: list = [None] * len(weights)
+    rows = np.flatnonzero(finite)
+    if kind == "image":
+        for start in range(0, len(rows), 256):
+            part = rows[start:start + 256]
+            images = render_images(spec, weights[part].to(device), source_info["image_shape"], source_info["mean"],
+                                   source_info["std"])
+            for r, image in zip(part, images):
+                items[r] = image
+    else:
+        for start in tqdm(range(0, len(rows), 16), desc="meshing samples", disable=not progress):
+            part = rows[start:start + 16]
+            for r, mesh in zip(part, render_meshes(spec, weights[part].to(device), MESH_RESOLUTION)):
+                if mesh is not None and len(mesh.faces) > 0:
+                    items[r] = sample_point_cloud(mesh, NUM_POINTS, seed + int(r))
+    valid = np.array([item is not None for item in items])
+    return items, valid
+
+
+# ------------------------------------------------------------------------------------------------ baselines
+def noisy_weights(train_weights: torch.Tensor, count: int, scale: float, seed: int) -> torch.Tensor:
+    """``count`` training fields plus Gaussian noise of ``scale`` x each parameter's std over the training set."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(train_weights), generator=generator)[:count]
+    std = train_weights.std(0, keepdim=True)
+    return train_weights[rows] + scale * std * torch.randn(len(rows), train_weights.shape[1], generator=generator)
+
+
+def gaussian_weights(train_weights: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` draws from one Gaussian fitted to the training weights (mean and full covariance, float64)."""
+    data = train_weights.double()
+    mean = data.mean(0)
+    centred = data - mean
+    covariance = centred.T @ centred / max(1, len(data) - 1)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
+    factor = eigenvectors * eigenvalues.clamp_min(0).sqrt()
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(count, data.shape[1], generator=generator, dtype=torch.float64)
+    return (mean + noise @ factor.T).float()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@dataclass
+class Run:
+    """One experiment folder (module doc). Stages are methods; each returns its result and skips finished work."""
+
+    out: Path
+    config: RunConfig = field(default_factory=RunConfig)
+    device: str | None = None
+    progress: bool = True
+    fresh: bool = False
+    state: str = field(init=False, default="new")
+
+    def __post_init__(self):
+        self.out = Path(self.out)
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.state = check_output_folder(self.out, self.config.identity(), self.fresh)
+        self._source = None
+        self._split = None
+        self._fields = None
+
+    # -------------------------------------------------------------------------------------- data
+    @property
+    def source(self):
+        if self._source is None:
+            from .data.sources import load_source
+
+            self._source = load_source(self.config.source)
+        return self._source
+
+    @property
+    def kind(self) -> str:
+        return "image" if self.source.kind == "image" else "points"
+
+    def split(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._split is None:
+            self._split = split_indices(len(self.source), self.config.test_fraction, self.config.split_seed,
+                                        self.config.num_items)
+        return self._split
+
+    def fit(self):
+        """The training items fitted to fields: a weight dataset (OUT/fields/dataset)."""
+        if self._fields is not None:
+            return self._fields
+        from .data.sources import default_fit_config, default_spec
+        from .data.weights import fit_to_disk
+
+        train, _ = self.split()
+        part = subset_source(self.source, train)
+        config = default_fit_config(self.source, steps=self.config.fit_steps, batch_size=self.config.fit_batch_size,
+                                    seed=self.config.seed)
+        self._fields = fit_to_disk(part, self.out / "fields", spec=default_spec(self.source), config=config,
+                                   device=self.device, progress=self.progress)
+        return self._fields
+
+    def reference(self, which: str) -> np.ndarray:
+        """Real items of the ``"train"`` or ``"test"`` split (images or point clouds), cached as .npy."""
+        folder = self.out / "reference"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{which}_{self.kind}.npy"
+        if path.is_file():
+            return np.load(path, allow_pickle=False)
+        train, test = self.split()
+        indices = train if which == "train" else test
+        if self.kind == "image":
+            items = real_images(self.source, indices)
+        else:
+            items = real_point_clouds(self.source, indices, seed=0 if which == "train" else 10**6,
+                                      progress=self.progress)
+        _atomic_npy(path, items)
+        return items
+
+    def labels(self, which: str) -> np.ndarray:
+        train, test = self.split()
+        return np.asarray(self.source.labels)[train if which == "train" else test]
+
+    def feature_net(self):
+        """The classifier whose features give the Fréchet distance (trained once on the training split), or None
+        when the source has a single class (nothing to train it on)."""
+        from .metrics import ImageFeatureNet, PointNetFeatureNet, load_feature_net, train_feature_net
+
+        folder = self.out / "reference" / "feature_net"
+        if (folder / "config.json").is_file():
+            return load_feature_net(folder)
+        labels = self.labels("train")
+        num_classes = int(labels.max()) + 1
+        if num_classes < 2:
+            return None
+        items = self.reference("train")
+        torch.manual_seed(self.config.seed)
+        if self.kind == "image":
+            net = ImageFeatureNet(image_shape=items.shape[1:], num_classes=num_classes)
+            train_feature_net(net, items, labels, device=self.device, progress=self.progress)
+        else:
+            net = PointNetFeatureNet(num_classes=num_classes)
+            train_feature_net(net, items, labels, epochs=20, device=self.device, progress=self.progress)
+        tmp = folder.with_name("feature_net.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        net.save(tmp)
+        os.replace(tmp, folder)
+        return load_feature_net(folder)
+
+    # -------------------------------------------------------------------------------------- stages
+    def strategy_dir(self, strategy: str | None = None) -> Path:
+        return self.out / (strategy or self.config.strategy)
+
+    def tokenize(self, strategy: str | None = None):
+        """Train the tokenization on the fitted training fields (OUT/{strategy}/tokenization)."""
+        from .tokenization.train import train_tokenizer
+
+        strategy = strategy or self.config.strategy
+        folder = self.strategy_dir(strategy) / "tokenization"
+        if (folder / "tokenize.json").is_file():
+            return folder
+        dataset = self.fit()
+        tmp = folder.with_name("tokenization.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(dataset, strategy, out_dir=tmp, progress=self.progress)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        return folder
+
+    def train(self, strategy: str | None = None, extra_args: Sequence[str] = ()) -> Path:
+        """Train NefGPT on the tokenised fields (OUT/{strategy}/model), resuming from its last checkpoint."""
+        from accelerate.state import AcceleratorState, GradientState, PartialState
+
+        from . import training
+
+        strategy = strategy or self.config.strategy
+        tokenization = self.tokenize(strategy)
+        model_dir = self.strategy_dir(strategy) / "model"
+        if (model_dir / "model.safetensors").is_file() and (model_dir / "trainer_state.json").is_file():
+            state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
+            if state.get("finished"):
+                return model_dir
+        c = self.config
+        argv = ["--dataset", str(tokenization / "dataset"), "--tokenizer", str(tokenization / "tokenizer"),
+                "--output_dir", str(model_dir), "--hidden_size", str(c.hidden_size),
+                "--num_hidden_layers", str(c.num_hidden_layers), "--num_attention_heads", str(c.num_attention_heads),
+                "--num_mixtures", str(c.num_mixtures), "--per_device_train_batch_size", str(c.batch_size),
+                "--learning_rate", str(c.learning_rate), "--num_train_epochs", str(c.num_train_epochs),
+                "--validation_split", "0.05", "--lr_warmup_steps", "50", "--eval_steps", "200",
+                "--checkpointing_steps", "200", "--logging_steps", "10", "--report_to", "none",
+                "--seed", str(c.seed), *extra_args]
+        if self.device == "cpu":
+            argv.append("--cpu")
+        if c.max_train_steps:
+            argv += ["--max_train_steps", str(c.max_train_steps)]
+        if c.class_conditional:
+            argv.append("--class_conditional")
+        if any((model_dir / "checkpoints").glob("step_*/*")):
+            argv += ["--resume_from_checkpoint", "latest"]
+        try:
+            training.main(argv)
+        finally:  # each in-process run builds its own Accelerator
+            AcceleratorState._reset_state(True)
+            GradientState._reset_state()
+            PartialState._reset_state()
+        return model_dir
+
+    def sample(self, strategy: str | None = None, top_k: int | None = None, temperature: float = 1.0,
+               num_samples: int | None = None, seed: int = 0) -> torch.Tensor:
+        """Generated weights ``(num_samples, p)`` (default: as many as test items), cached per setting."""
+        from safetensors.torch import load_file, save_file
+
+        from .pipelines.neural_field_generation import generate_weights, load_generation_folder
+
+        strategy = strategy or self.config.strategy
+        num_samples = num_samples or len(self.split()[1])
+        folder = self.strategy_dir(strategy) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"k{top_k or 0}_t{temperature:g}_n{num_samples}_s{seed}.safetensors"
+        if path.is_file():
+            return load_file(path)["weights"]
+        model_dir = self.train(strategy)
+        model, tokenization = load_generation_folder(model_dir)
+        model.to(self.device).eval()
+        weights = generate_weights(model, tokenization, num_samples, top_k=top_k, temperature=temperature,
+                                   seed=seed, progress=self.progress)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"weights": weights.contiguous()}, str(tmp))
+        os.replace(tmp, path)
+        return weights
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def evaluate_weights(self, weights: torch.Tensor, name: str, extra: dict | None = None) -> dict:
+        """Metrics of generated weights against the held-out test items (one row of the results table)."""
+        from .data.metadata import get_source_info, get_spec
+        from .metrics import generation_metrics
+
+        dataset = self.fit()
+        spec, source_info = get_spec(dataset), get_source_info(dataset)
+        items, valid = render_items(self.source.kind, spec, weights, source_info, self.device, progress=self.progress)
+        references, train_items = self.reference("test"), self.reference("train")
+        row = {"strategy": name, **(extra or {}), "num_samples": len(weights), "invalid": int((~valid).sum())}
+        kept = [item for item in items if item is not None]
+        if len(kept) < 2:
+            logger.warning("%s: only %d of %d samples render; no metrics", name, len(kept), len(weights))
+            return {**row, "mmd": None, "cov": None, "one_nna": None, "fd": None, "memorisation_ratio": None,
+                    "recognised": None, "class_spread": None}
+        if row["invalid"]:
+            logger.warning("%s: %d of %d samples are NaN or render empty; they are left out (HyperDiffusion drops "
+                           "empty meshes)", name, row["invalid"], len(weights))
+        samples = np.stack(kept)
+        net = self.feature_net()
+        metrics = generation_metrics(samples, references, modality=self.kind, feature_net=net, train_items=train_items,
+                                     allow_unequal=len(samples) != len(references), device=self.device,
+                                     progress=self.progress)
+        row.update({k: metrics.get(k) for k in ("mmd", "cov", "one_nna", "fd", "memorisation_ratio")})
+        row["recognised"], row["class_spread"] = None, None
+        if net is not None and self.kind == "image":
+            probabilities = net.predict_proba(samples, device=self.device)
+            row["recognised"] = float((probabilities.max(1) >= 0.9).mean())
+            counts = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
+            shares = counts / counts.sum()
+            entropy = -(shares[shares > 0] * np.log(shares[shares > 0])).sum()
+            row["class_spread"] = float(entropy / math.log(len(shares)))  # 1: every class equally often
+            row["class_counts"] = counts.tolist()
+        return row
+
+    def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
+        """``oracle-train`` (training fields as the generator, as many as test items), ``noisy-train`` (training
+        weights plus ``noise_scale`` x per-parameter std of noise) and ``gaussian`` (one Gaussian in weight space)."""
+        from .data.metadata import weights_tensor
+
+        train_weights = weights_tensor(self.fit())
+        count = len(self.split()[1])
+        generator = torch.Generator().manual_seed(seed)
+        rows = torch.randperm(len(train_weights), generator=generator)[:count]
+        return [
+            self.evaluate_weights(train_weights[rows], "oracle-train"),
+            self.evaluate_weights(noisy_weights(train_weights, count, noise_scale, seed), "noisy-train",
+                                  {"noise_scale": noise_scale}),
+            self.evaluate_weights(gaussian_weights(train_weights, count, seed), "gaussian"),
+        ]
+
+
+# ------------------------------------------------------------------------------------------------ reports
+METRIC_COLUMNS = (("mmd", "MMD ↓", "{:.4g}"), ("cov", "COV ↑", "{:.1%}"), ("one_nna", "1-NNA (50% best)", "{:.1%}"),
+                  ("fd", "Fréchet ↓", "{:.3g}"), ("memorisation_ratio", "mem. ratio", "{:.2f}"),
+                  ("recognised", "recognised", "{:.1%}"), ("class_spread", "class spread", "{:.2f}"))
+
+
+def metrics_table(rows: list[dict]) -> str:
+    """A Markdown table of result rows (None shown as "–")."""
+    head = ["generator", "top-k", "temp.", "invalid"] + [title for _, title, _ in METRIC_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["strategy"], str(row.get("top_k") if row.get("top_k") is not None else "–"),
+                 str(row.get("temperature") if row.get("temperature") is not None else "–"),
+                 f"{row['invalid']}/{row['num_samples']}"]
+        for key, _, fmt in METRIC_COLUMNS:
+            value = row.get(key)
+            cells.append("–" if value is None else fmt.format(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save_samples_figure(run: Run, weights: torch.Tensor, path: str | Path, count: int = 32, title: str = "") -> Path:
+    """PNG: generated fields (left block) beside real held-out items (right block)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data.metadata import get_source_info, get_spec
+
+    dataset = run.fit()
+    spec, info = get_spec(dataset), get_source_info(dataset)
+    count = min(count, len(weights))
+    items, _ = render_items(run.source.kind, spec, weights[:count], info, run.device, progress=False)
+    real = run.reference("test")[:count]
+    columns = 8 if count >= 8 else count
+    rows = -(-count // columns)
+    three_d = run.kind == "points"
+    figure = plt.figure(figsize=(2 * columns * 1.1 + 0.4, rows * 1.25 + 0.6))
+    for block, (label, block_items) in enumerate((("generated", items), ("real (held out)", list(real)))):
+        for i, item in enumerate(block_items[:count]):
+            position = (i // columns) * (2 * columns) + block * columns + (i % columns) + 1
+            axis = figure.add_subplot(rows, 2 * columns, position, projection="3d" if three_d else None)
+            axis.set_axis_off()
+            if item is None:
+                axis.text(0.5, 0.5, "empty", ha="center", va="center", fontsize=7, color="red")
+            elif three_d:
+                axis.scatter(item[:, 0], item[:, 2], item[:, 1], s=0.3, c=item[:, 1], cmap="viridis")
+                axis.view_init(elev=20, azim=-60)
+            else:
+                axis.imshow(item[..., 0] if item.shape[-1] == 1 else item, cmap="gray", vmin=0, vmax=1)
+            if i == 0:
+                axis.set_title(label, fontsize=9, loc="left")
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def save_loss_figure(run: Run, strategy: str, path: str | Path) -> Path:
+    """PNG: the fit loss curve (mean over fields) and NefGPT's training / validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data.metadata import nef_metadata
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    curve = nef_metadata(run.fit())["fit"].get("loss_curve") or []
+    left.plot(np.arange(1, len(curve) + 1), curve)
+    left.set_yscale("log")
+    left.set(title="fitting: mean MSE over fields", xlabel="Adam step", ylabel="loss")
+    state_file = run.strategy_dir(strategy) / "model" / "trainer_state.json"
+    if state_file.is_file():
+        history = json.loads(state_file.read_text(encoding="utf-8")).get("log_history", [])
+        train = [(r["step"], r["train_loss"]) for r in history if "train_loss" in r]
+        evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+        if train:
+            right.plot(*zip(*train), label="train")
+        if evals:
+            right.plot(*zip(*evals), "o-", label="validation")
+        right.legend()
+    right.set(title=f"NefGPT ({strategy})", xlabel="optimizer step", ylabel="loss")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+__all__ = ["RunConfig", "Run", "RunMismatchError", "check_output_folder", "gaussian_weights", "metrics_table",
+           "noisy_weights", "real_images", "real_point_clouds", "render_items", "save_loss_figure",
+           "save_samples_figure", "split_indices", "subset_source"]

@@ -1,0 +1,140 @@
+"""The main job (`nef-transformers quickstart`) and the experiment stages behind it: splits, output-folder
+checks, baselines, and tiny end-to-end runs on images and voxel shapes (re-run reuses the stages)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from nef_transformers.experiment import (
+    RunMismatchError,
+    check_output_folder,
+    gaussian_weights,
+    metrics_table,
+    noisy_weights,
+    split_indices,
+)
+
+TINY = ["--fit-steps", "5", "--epochs", "1", "--max-train-steps", "3", "--hidden-size", "16", "--num-layers", "1",
+        "--top-k", "3"]
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    train, test = split_indices(100, 0.2, seed=3)
+    again_train, again_test = split_indices(100, 0.2, seed=3)
+    other_train, _ = split_indices(100, 0.2, seed=4)
+    assert np.array_equal(train, again_train) and np.array_equal(test, again_test)
+    assert not np.array_equal(train, other_train)
+    assert len(test) == 20 and len(train) == 80
+    assert set(train).isdisjoint(test) and set(train) | set(test) == set(range(100))
+    sub_train, sub_test = split_indices(100, 0.2, seed=3, subset=10)
+    assert len(sub_train) + len(sub_test) == 10 and set(sub_train).isdisjoint(sub_test)
+    with pytest.raises(ValueError, match="more than the source has"):
+        split_indices(5, 0.2, seed=0, subset=6)
+
+
+def test_output_folder_refuses_other_runs_and_unwritable_paths(tmp_path):
+    identity = {"source": "mnist", "num_items": 10}
+    assert check_output_folder(tmp_path / "run", identity) == "new"
+    assert check_output_folder(tmp_path / "run", identity) == "resumed"
+    with pytest.raises(RunMismatchError, match=r"num_items: folder has 10, now 20.*--fresh"):
+        check_output_folder(tmp_path / "run", {"source": "mnist", "num_items": 20})
+    (tmp_path / "run" / "leftover").write_text("x")
+    assert check_output_folder(tmp_path / "run", {"source": "mnist", "num_items": 20}, fresh=True) == "restarted"
+    assert not (tmp_path / "run" / "leftover").exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunMismatchError, match="not empty and holds no run.json"):
+        check_output_folder(tmp_path / "other", identity)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OSError):
+        check_output_folder(tmp_path / "a_file" / "run", identity)
+
+
+def test_gaussian_baseline_matches_training_moments():
+    generator = torch.Generator().manual_seed(0)
+    mixing = torch.randn(4, 4, generator=generator)
+    train = torch.randn(4000, 4, generator=generator) @ mixing + torch.tensor([1.0, -2.0, 0.5, 3.0])
+    draws = gaussian_weights(train, 20000, seed=1)
+    assert torch.allclose(draws.mean(0), train.mean(0), atol=0.08)
+    assert torch.allclose(torch.cov(draws.T), torch.cov(train.T), rtol=0.1, atol=0.1)
+    assert torch.equal(draws[:5], gaussian_weights(train, 20000, seed=1)[:5])
+
+
+def test_noisy_baseline_adds_scaled_noise_to_training_rows():
+    train = torch.randn(500, 3) * torch.tensor([1.0, 10.0, 0.1])
+    noisy = noisy_weights(train, 500, scale=0.5, seed=0)
+    rows = torch.randperm(500, generator=torch.Generator().manual_seed(0))[:500]
+    noise = noisy - train[rows]
+    ratio = noise.std(0) / train.std(0)
+    assert torch.allclose(ratio, torch.full((3,), 0.5), rtol=0.15)
+
+
+def test_metrics_table_shows_missing_values_as_dashes():
+    row = {"strategy": "gaussian", "num_samples": 10, "invalid": 2, "mmd": 0.5, "cov": 0.25, "one_nna": None}
+    table = metrics_table([row])
+    assert "| gaussian | – | – | 2/10 | 0.5 | 25.0% | – |" in table
+
+
+def _read_metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.mark.timeout(600)
+def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
+    from nef_transformers.cli import main
+    from nef_transformers.pipelines.neural_field_generation import load_generation_folder
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--num-items", "40", "--out", str(out), *TINY]) == 0
+    for name in ("samples.png", "metrics.md", "metrics.json", "loss_curves.png", "model/config.json",
+                 "model/model.safetensors"):
+        assert (out / name).is_file(), name
+    summary = _read_metrics(out)
+    names = [row["strategy"] for row in summary["rows"]]
+    assert names == ["nef_gpt-naive", "oracle-train", "noisy-train", "gaussian"]
+    for row in summary["rows"]:
+        assert row["num_samples"] == 8  # 40 items, 20 % held out
+        if row["cov"] is not None:
+            assert 0 <= row["cov"] <= 1 and 0 <= row["one_nna"] <= 1
+    oracle = summary["rows"][1]
+    assert oracle["invalid"] == 0 and oracle["mmd"] is not None
+    model, tokenization = load_generation_folder(out / "model")
+    assert model.config.field_source["kind"] == "image"
+    shards = sorted((out / "fields" / "shards").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    model_stamp = (out / "naive" / "model" / "model.safetensors").stat().st_mtime_ns
+
+    assert main(["quickstart", "--num-items", "40", "--out", str(out), *TINY]) == 0
+    assert [p.stat().st_mtime_ns for p in sorted((out / "fields" / "shards").iterdir())] == stamps
+    assert (out / "naive" / "model" / "model.safetensors").stat().st_mtime_ns == model_stamp
+    assert _read_metrics(out)["rows"][0]["mmd"] == summary["rows"][0]["mmd"]  # same cached samples
+
+    # another split in the same folder is refused, with the way out named
+    assert main(["quickstart", "--num-items", "30", "--out", str(out), *TINY]) == 1
+
+
+@pytest.mark.timeout(600)
+def test_quickstart_on_voxel_shapes_writes_meshes(tmp_path):
+    from nef_transformers.cli import main
+
+    # ten solid boxes of different sizes on a 16^3 grid
+    voxels = np.zeros((10, 16, 16, 16), dtype=bool)
+    for i in range(10):
+        half = 3 + i % 4
+        voxels[i, 8 - half:8 + half, 8 - half + 1:8 + half - 1, 8 - half:8 + half] = True
+    source = tmp_path / "boxes.npz"
+    np.savez(source, voxels=voxels)
+    out = tmp_path / "shapes"
+    assert main(["quickstart", "--source", str(source), "--out", str(out), "--fit-steps", "40", "--epochs", "1",
+                 "--max-train-steps", "2", "--hidden-size", "16", "--num-layers", "1"]) == 0
+    summary = _read_metrics(out)
+    assert (out / "samples.png").is_file() and (out / "metrics.md").is_file()
+    oracle = next(row for row in summary["rows"] if row["strategy"] == "oracle-train")
+    assert oracle["invalid"] == 0 and oracle["mmd"] is not None  # fitted boxes render as surfaces
+    generated = summary["rows"][0]
+    written = list((out / "meshes").glob("*.ply"))
+    assert generated["num_samples"] == 2  # 10 shapes, 20 % held out
+    assert len(written) == generated["num_samples"] - generated["invalid"]  # empty shapes counted, not written
