@@ -208,6 +208,32 @@ def test_regression_sampling_is_seeded_stochastic_and_cache_exact(tmp_path):
     assert torch.equal(loaded.sample(4, seed=0), first)
 
 
+def test_regression_top_k_samples_only_the_likeliest_components():
+    """A head that ignores its input: components 0, 1, 2 with means 0, 10, 20, logits 0.2 > 0.1 > 0 and tiny stds,
+    so each sampled entry says which component drew it."""
+    torch.manual_seed(0)
+    model = NefGPTForWeightRegression(regression_config(num_mixtures=3)).eval()
+    k, w = 3, model.config.chunk_dim
+    with torch.no_grad():
+        model.head.mixture_proj.weight.zero_()
+        means = torch.tensor([0.0, 10.0, 20.0])[:, None].expand(k, w)
+        model.head.mixture_proj.bias.copy_(torch.cat([torch.tensor([0.2, 0.1, 0.0]), means.flatten(),
+                                                      torch.full((k * w,), -6.0)]))
+    real = model.chunk_mask().expand(64, -1, -1)
+
+    def components(**kwargs) -> set:
+        entries = model.sample(64, seed=0, **kwargs)[real]
+        return set(torch.round(entries / 10).long().unique().tolist())
+
+    assert components() == {0, 1, 2}
+    assert components(top_k=2) == {0, 1}
+    assert components(top_k=1) == {0}
+    assert torch.equal(model.sample(4, seed=0, top_k=k), model.sample(4, seed=0)), "top_k >= num_mixtures keeps all"
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="top_k must be a positive int"):
+            model.sample(2, top_k=bad)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 def test_bad_input_raises_clear_errors(lm):
     too_long = torch.full((1, LENGTH + 1), 5)

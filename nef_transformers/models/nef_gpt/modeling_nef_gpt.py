@@ -691,6 +691,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
         seed: int | None = None,
         class_labels: torch.LongTensor | None = None,
         use_cache: bool = True,
+        top_k: int | None = None,
     ) -> torch.FloatTensor:
         r"""Sample whole chunk sequences autoregressively (one position per step, with a static KV cache).
 
@@ -702,6 +703,9 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             class_labels (`torch.LongTensor` of shape `(b,)` or an `int`, *optional*): classes to sample.
             use_cache (`bool`, *optional*, defaults to `True`): `False` recomputes the prefix every step (slow;
                 for benchmarks and equivalence tests).
+            top_k (`int`, *optional*): > 0; each position picks its component among the `top_k` most likely
+                mixture components only (top-k over components, as `generate()`'s top-k over tokens; `top_k >=
+                num_mixtures` keeps them all). `None`: every component.
 
         Returns: `torch.FloatTensor` of shape `(num_samples, t, chunk_dim)`, padded entries zero.
         """
@@ -709,7 +713,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
         if not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        check_sampling_settings(temperature=temperature)
+        check_sampling_settings(top_k=top_k, temperature=temperature)
         if class_labels is not None:
             class_labels = check_class_labels(class_labels, self.config.num_classes, num_samples).to(self.device)
         device, t, w = self.device, self.config.sequence_length, self.config.chunk_dim
@@ -727,8 +731,12 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             else:
                 out = self(chunks=samples[:, :i].to(dtype), use_cache=False, class_labels=class_labels)
             logits, means, log_stds = out.mixture_logits[:, -1], out.means[:, -1], out.log_stds[:, -1]
-            # 2. pick a component per field, then draw from its Gaussian
-            component = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=generator)  # (b, 1)
+            # 2. pick a component per field (among the top_k most likely ones), then draw from its Gaussian
+            logits = logits / temperature
+            if top_k is not None and top_k < logits.shape[-1]:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (b, 1)
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            component = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (b, 1)
             index = component[:, :, None].expand(-1, 1, w)
             mean = means.gather(1, index).squeeze(1)  # (b, w)
             std = log_stds.gather(1, index).squeeze(1).exp() * math.sqrt(temperature)
