@@ -530,7 +530,8 @@ def save_samples_figure(run: Run, weights: torch.Tensor, path: str | Path, count
     spec, info = get_spec(dataset), get_source_info(dataset)
     count = min(count, len(weights))
     items, _ = render_items(run.source.kind, spec, weights[:count], info, run.device, progress=False)
-    real = run.reference("test")[:count]
+    references = run.reference("test")
+    real = references[np.linspace(0, len(references) - 1, count).round().astype(int)]  # spread over the (sorted) split
     columns = 8 if count >= 8 else count
     rows = -(-count // columns)
     three_d = run.kind == "points"
