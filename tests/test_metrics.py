@@ -74,37 +74,66 @@ def clouds():
 
 
 # ------------------------------------------------------------------------------------------- distances
-def test_chamfer_matches_brute_force(clouds):
-    a, b = clouds
+@pytest.mark.parametrize("method", ["kdtree", "dense"])
+def test_chamfer_matches_brute_force(clouds, method):
+    a, b = clouds  # 60 and 45 points: the sets may differ in cloud size
     expected = brute_matrix(a, b, brute_chamfer)
-    got = chamfer_distance_matrix(a, b, progress=False)
+    got = chamfer_distance_matrix(a, b, method=method, progress=False)
     assert got.shape == (7, 6) and got.dtype == torch.float64
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
-    np.testing.assert_allclose(chamfer_distance_matrix(a, b, dtype=torch.float64, progress=False).numpy(), expected,
-                               rtol=1e-12)
+    np.testing.assert_allclose(chamfer_distance_matrix(a, b, method=method, dtype=torch.float64,
+                                                       progress=False).numpy(), expected, rtol=1e-12)
 
 
 def test_chamfer_chunked_equals_unchunked_and_symmetric_equals_rectangular(clouds):
     a, b = clouds
-    whole = chamfer_distance_matrix(a, b, chunk_elements=10 ** 9, progress=False)
+    whole = chamfer_distance_matrix(a, b, method="dense", chunk_elements=10 ** 9, progress=False)
     for chunk in (37, 200, 60 * 45, 3 * 60 * 45 + 5):  # 1 row at a time, 4 rows, 1 pair, 3 pairs per block
-        torch.testing.assert_close(chamfer_distance_matrix(a, b, chunk_elements=chunk, progress=False), whole,
-                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(chamfer_distance_matrix(a, b, method="dense", chunk_elements=chunk,
+                                                           progress=False), whole, rtol=1e-6, atol=1e-7)
     threads = torch.get_num_threads()
-    for workers in (2, 3):  # whole blocks of pairs per thread give the same numbers, torch's threads restored
-        assert torch.equal(chamfer_distance_matrix(a, b, num_workers=workers, chunk_elements=200, progress=False),
-                           chamfer_distance_matrix(a, b, num_workers=1, chunk_elements=200, progress=False))
-        assert torch.get_num_threads() == threads
-    within = chamfer_distance_matrix(a, progress=False, dtype=torch.float64)
-    assert torch.equal(within, within.T) and torch.all(within.diagonal() == 0)
-    torch.testing.assert_close(within, chamfer_distance_matrix(a, a, progress=False, dtype=torch.float64))
-    np.testing.assert_allclose(within.numpy(), brute_matrix(a, a, brute_chamfer), rtol=1e-12, atol=1e-15)
+    for workers in (2, 3):  # whole units of work per thread give the same numbers, torch's threads restored
+        for method, options in (("dense", dict(chunk_elements=200)), ("kdtree", {})):
+            assert torch.equal(
+                chamfer_distance_matrix(a, b, method=method, num_workers=workers, progress=False, **options),
+                chamfer_distance_matrix(a, b, method=method, num_workers=1, progress=False, **options))
+            assert torch.get_num_threads() == threads
+    for method in ("dense", "kdtree"):
+        within = chamfer_distance_matrix(a, method=method, progress=False, dtype=torch.float64)
+        assert torch.equal(within, within.T) and torch.all(within.diagonal() == 0)
+        torch.testing.assert_close(within, chamfer_distance_matrix(a, a, method=method, progress=False,
+                                                                   dtype=torch.float64))
+        np.testing.assert_allclose(within.numpy(), brute_matrix(a, a, brute_chamfer), rtol=1e-12, atol=1e-15)
+    # k-d trees: the triangle (each pair once) is bit for bit the full matrix
+    assert torch.equal(chamfer_distance_matrix(a, method="kdtree", progress=False),
+                       chamfer_distance_matrix(a, a, method="kdtree", progress=False))
 
 
-def test_identical_clouds_are_exactly_zero_apart(clouds):
+def test_kdtree_equals_dense_on_the_protocols_clouds():
+    rng = np.random.default_rng(3)
+    a = normalize_point_clouds(rng.normal(size=(5, 2048, 3)).astype(np.float32))
+    b = normalize_point_clouds(rng.random(size=(4, 2048, 3)).astype(np.float32))
+    torch.testing.assert_close(chamfer_distance_matrix(a, b, method="kdtree", progress=False),
+                               chamfer_distance_matrix(a, b, method="dense", progress=False), rtol=1e-5, atol=0)
+    torch.testing.assert_close(chamfer_distance_matrix(b, method="kdtree", progress=False),
+                               chamfer_distance_matrix(b, method="dense", progress=False), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("method", ["kdtree", "dense"])
+def test_identical_clouds_are_exactly_zero_apart(clouds, method):
     a, _ = clouds
     shifted = a + 100.0  # large norms: the expansion's round-off must still snap to 0
-    assert torch.all(chamfer_distance_matrix(shifted, shifted, progress=False).diagonal() == 0)
+    assert torch.all(chamfer_distance_matrix(shifted, shifted, method=method, progress=False).diagonal() == 0)
+
+
+def test_kdtree_duplicates_tie_exactly_across_matrices(clouds):
+    refs, _ = clouds
+    samples = np.concatenate([refs[2:3], refs[:2] + 0.01])  # sample 0 is a copy of reference 2
+    d_sr = chamfer_distance_matrix(samples, refs, method="kdtree", progress=False)
+    d_ss = chamfer_distance_matrix(samples, method="kdtree", progress=False)
+    d_rr = chamfer_distance_matrix(refs, method="kdtree", progress=False)
+    assert torch.equal(d_sr[0], d_rr[2]) and d_sr[0, 2] == 0  # S-R and R-R computed apart agree bit for bit
+    assert torch.equal(d_ss[0, 1:], d_sr[1:, 2])
 
 
 def test_normalisation_is_hyperdiffusions_and_makes_chamfer_invariant(clouds):
@@ -336,7 +365,10 @@ def test_evaluate_module_equals_plain_functions_and_its_doctests_pass(tmp_path):
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 2))), r"shape \(b, n, 3\)"),
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), np.r_[np.zeros((1, 5, 3)), np.full((1, 5, 3), np.nan)]),
          r"clouds_b\[1\] contains NaN"),
-        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), chunk_elements=0), "chunk_elements"),
+        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="dense", chunk_elements=0), "chunk_elements"),
+        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), chunk_elements=64), "method='dense' only"),
+        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="brute"), "method must be one of"),
+        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="kdtree", device="cuda"), "runs on the CPU"),
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), num_workers=0), "num_workers"),
         (lambda: normalize_point_clouds(np.concatenate([np.eye(5, 3)[None], np.ones((2, 5, 3))])),
          r"point clouds\[1\] has all its points at one location"),
