@@ -1,16 +1,24 @@
 """Speed of the generation metric on point clouds: the S-R, S-S and R-R Chamfer matrices and MMD / COV / 1-NNA.
 
     python benchmarks/metric_speed.py                         # the target: 1,000 x 1,000 clouds of 2,048 points
-    python benchmarks/metric_speed.py --num-clouds 100        # a quick check, extrapolated to 1,000
+    python benchmarks/metric_speed.py --num-clouds 200        # shorter, extrapolated to 1,000
 
 ISSUE 5's target: 1,000 samples x 1,000 references of 2,048 points each in under 10 minutes on 2 CPU cores.
-Clouds are random (Gaussian) and normalised per cloud; the brute-force Chamfer cost does not depend on their
-content. S-R holds N² pairs, S-S and R-R N(N-1)/2 each (symmetric: the upper triangle only), so with fewer
-clouds than ``--target-clouds`` the times are scaled by the pair counts and labelled "extrapolated". The load
-average is printed too: on a shared machine other jobs slow every number down, so the CPU time of this process
-is reported beside the wall time, and "idle cores" = CPU time / threads (what the same work takes when the
-threads get whole cores; the Chamfer workers share no barrier, so it splits evenly). ``--threads`` sets the
-Chamfer workers (`chamfer_distance_matrix(num_workers=...)`).
+Clouds are random (Gaussian) and normalised per cloud. Two parts, in one run:
+
+1. Old against new: on the first ``--compare-clouds`` samples x references (S-R only), the new method
+   (``--method``, default ``auto``: k-d trees on the CPU) and the old one (``dense`` tiles) are timed in the
+   order new, old, new, so that a change of machine load hits both; the speed-up is old / mean(new). The two
+   matrices must agree (their largest relative difference is printed).
+2. The metric with the new method on N = ``--num-clouds``: S-R holds N² pairs, S-S and R-R N(N-1)/2 each
+   (symmetric: each pair once), MMD / COV / 1-NNA are O(N²) on the matrices. With fewer clouds than
+   ``--target-clouds`` (N') the times are scaled by the pair counts (formula printed) and labelled
+   "extrapolated".
+
+The load average is printed too: on a shared machine other jobs slow every number down, so the CPU time of
+this process is reported beside the wall time, and "idle cores" = CPU time / threads (what the same work takes
+when the threads get whole cores; the Chamfer workers share no barrier, so it splits evenly). ``--threads`` sets
+the Chamfer workers (`chamfer_distance_matrix(num_workers=...)`).
 
 Prints a table, then one JSON line ``{"bench": "metric_speed", ...}``.
 """
@@ -29,15 +37,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-clouds", type=int, default=1000, help="samples and references each (N)")
     parser.add_argument("--num-points", type=int, default=2048)
-    parser.add_argument("--target-clouds", type=int, default=1000, help="N to extrapolate to")
+    parser.add_argument("--target-clouds", type=int, default=1000, help="N' to extrapolate to")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--chunk-elements", type=int, default=None, help="point pairs per tile (default: per device)")
+    parser.add_argument("--method", choices=("auto", "kdtree", "dense"), default="auto", help="the new method")
+    parser.add_argument("--compare-clouds", type=int, default=50,
+                        help="samples x references on which new and old (dense) are timed against each other; 0: skip")
+    parser.add_argument("--chunk-elements", type=int, default=None,
+                        help="point pairs per tile of the dense method (default: per device)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.num_clouds < 2 or args.num_points < 1 or args.threads < 1:
-        parser.error("--num-clouds must be >= 2, --num-points and --threads >= 1")
+    if args.num_clouds < 2 or args.num_points < 1 or args.threads < 1 or args.compare_clouds < 0:
+        parser.error("--num-clouds must be >= 2, --num-points and --threads >= 1, --compare-clouds >= 0")
     torch.set_num_threads(args.threads)
 
     from nef_transformers.metrics import chamfer_distance_matrix, mmd_cov_1nna, normalize_point_clouds
@@ -46,25 +58,45 @@ def main() -> None:
     shape = (args.num_clouds, args.num_points, 3)
     samples = normalize_point_clouds(torch.randn(shape, generator=generator))
     references = normalize_point_clouds(torch.randn(shape, generator=generator))
-    options = dict(device=args.device, dtype=getattr(torch, args.dtype), chunk_elements=args.chunk_elements)
+    common = dict(device=args.device, dtype=getattr(torch, args.dtype), num_workers=args.threads)
+    dense = dict(method="dense", chunk_elements=args.chunk_elements)
+    method = args.method  # the new method, as chamfer_distance_matrix resolves "auto"
+    if method == "auto":
+        method = "kdtree" if torch.device(args.device).type == "cpu" else "dense"
+    new = dict(method=method, chunk_elements=args.chunk_elements if method == "dense" else None)
     load_before = os.getloadavg()[0]
 
-    n, target = args.num_clouds, args.target_clouds
-    rows = []  # (name, pairs measured, wall seconds, pairs at the target size, CPU seconds of this process)
-
-    def timed(name, pairs, target_pairs, function, *inputs):
+    def timed(function, *inputs):
         wall, cpu = time.perf_counter(), time.process_time()
         result = function(*inputs)
-        rows.append((name, pairs, time.perf_counter() - wall, target_pairs, time.process_time() - cpu))
-        return result
+        return result, time.perf_counter() - wall, time.process_time() - cpu
 
+    # 1. old against new on the same pairs, in the order new, old, new
+    k = min(args.compare_clouds, args.num_clouds)
+    comparison = None
+    if k:
+        sub_s, sub_r = samples[:k], references[:k]
+        new_1, new_seconds_1, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **new))
+        old, old_seconds, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **dense))
+        _, new_seconds_2, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **new))
+        new_seconds = (new_seconds_1 + new_seconds_2) / 2
+        comparison = dict(pairs=k * k, old_ms=1e3 * old_seconds / k ** 2, new_ms=1e3 * new_seconds / k ** 2,
+                          speedup=old_seconds / new_seconds,
+                          max_rel_diff=float(((new_1 - old).abs() / old.clamp_min(1e-30)).max()))
+
+    # 2. the metric with the new method
+    n, target = args.num_clouds, args.target_clouds
+    rows = []  # (name, pairs measured, wall seconds, pairs at the target size, CPU seconds of this process)
     half, target_half = n * (n - 1) // 2, target * (target - 1) // 2
-    chamfer = lambda *clouds: chamfer_distance_matrix(*clouds, **options)  # noqa: E731
-    dist_sr = timed("S-R", n * n, target * target, chamfer, samples, references)
-    dist_ss = timed("S-S", half, target_half, chamfer, samples)
-    dist_rr = timed("R-R", half, target_half, chamfer, references)
-    # MMD / COV / 1-NNA are O(N²) on the matrices: scaled by the entries of the union matrix.
-    metrics = timed("MMD/COV/1-NNA", (2 * n) ** 2, (2 * target) ** 2, mmd_cov_1nna, dist_sr, dist_ss, dist_rr)
+    chamfer = lambda *clouds: chamfer_distance_matrix(*clouds, **common, **new)  # noqa: E731
+    distances = {}
+    for name, pairs, target_pairs, clouds in (("S-R", n * n, target * target, (samples, references)),
+                                              ("S-S", half, target_half, (samples,)),
+                                              ("R-R", half, target_half, (references,))):
+        distances[name], wall, cpu = timed(chamfer, *clouds)
+        rows.append((name, pairs, wall, target_pairs, cpu))
+    metrics, wall, cpu = timed(mmd_cov_1nna, distances["S-R"], distances["S-S"], distances["R-R"])
+    rows.append(("MMD/COV/1-NNA", (2 * n) ** 2, wall, (2 * target) ** 2, cpu))
 
     extrapolated = n != target
     measured_total = sum(row[2] for row in rows)
@@ -73,21 +105,33 @@ def main() -> None:
     target_idle = sum(cpu * target_pairs / pairs for _, pairs, _, target_pairs, cpu in rows) / args.threads
     chamfer_pairs = sum(row[1] for row in rows[:3])
     ms_per_pair = 1e3 * sum(row[2] for row in rows[:3]) / chamfer_pairs
-    label = f"at N = {target}" + (" (extrapolated)" if extrapolated else "")
+    target_chamfer = sum(seconds * target_pairs / pairs for _, pairs, seconds, target_pairs, _ in rows[:3])
+    label = f"at N' = {target}" + (" (extrapolated)" if extrapolated else "")
 
     print(f"\nChamfer metric speed: N = {n} samples and references, {args.num_points} points, {args.device}, "
-          f"{args.threads} threads, {args.dtype}; load average {load_before:.2f} before, "
+          f"{args.threads} threads, {args.dtype}, method {method}; load average {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after")
-    print(f"{'part':<15} {'pairs':>10} {'wall s':>9} {'CPU s':>9} {'wall ms/pair':>13} {'pairs ' + label:>32} "
-          f"{'wall s ' + label:>33}")
+    if comparison:
+        print(f"old (dense) against new ({method}) on the same {k} x {k} S-R pairs: "
+              f"{comparison['old_ms']:.3f} ms/pair old, {comparison['new_ms']:.3f} ms/pair new -> "
+              f"{comparison['speedup']:.2f}x; largest relative difference {comparison['max_rel_diff']:.1e}")
+    print(f"{'part':<15} {'pairs':>10} {'wall s':>9} {'CPU s':>9} {'wall ms/pair':>13} {'pairs ' + label:>34} "
+          f"{'wall s ' + label:>35}")
     for name, pairs, seconds, target_pairs, cpu in rows:
-        print(f"{name:<15} {pairs:>10,} {seconds:>9.2f} {cpu:>9.2f} {1e3 * seconds / pairs:>13.3f} {target_pairs:>32,} "
-              f"{seconds * target_pairs / pairs:>33.1f}")
-    print(f"{'total':<15} {'':>10} {measured_total:>9.2f} {sum(row[4] for row in rows):>9.2f} {'':>13} {'':>32} "
-          f"{target_total:>33.1f}")
+        print(f"{name:<15} {pairs:>10,} {seconds:>9.2f} {cpu:>9.2f} {1e3 * seconds / pairs:>13.3f} {target_pairs:>34,} "
+              f"{seconds * target_pairs / pairs:>35.1f}")
+    print(f"{'total':<15} {'':>10} {measured_total:>9.2f} {sum(row[4] for row in rows):>9.2f} {'':>13} {'':>34} "
+          f"{target_total:>35.1f}")
+    if extrapolated:
+        print(f"extrapolation: T(N') = t_SR * N'^2/N^2 + (t_SS + t_RR) * N'(N'-1)/(N(N-1)) + t_metrics * N'^2/N^2 "
+              f"with N = {n}, N' = {target}: factors {target ** 2 / n ** 2:.1f} and {target_half / half:.1f}")
     verdict = "meets" if target_total < 600 else "misses"
-    print(f"{label}: {target_total / 60:.1f} min on this machine as loaded -> {verdict} the 10-minute target; "
+    print(f"new {label}: {target_total / 60:.1f} min on this machine as loaded -> {verdict} the 10-minute target; "
           f"{target_idle / 60:.1f} min on {args.threads} idle cores (CPU time / {args.threads})")
+    target_old = None
+    if comparison:
+        target_old = target_chamfer * comparison["speedup"] + (target_total - target_chamfer)
+        print(f"old (dense) {label}: ~{target_old / 60:.1f} min (the new Chamfer time x the measured speed-up)")
     print(f"(metrics on random clouds: MMD {metrics['mmd']:.4f}, COV {metrics['cov']:.3f}, "
           f"1-NNA {metrics['one_nna']:.3f})")
     print(json.dumps({
@@ -97,6 +141,12 @@ def main() -> None:
         "device": args.device,
         "threads": args.threads,
         "dtype": args.dtype,
+        "method": method,
+        "compare_clouds": k,
+        "compare_ms_per_pair_old": None if not comparison else round(comparison["old_ms"], 4),
+        "compare_ms_per_pair_new": None if not comparison else round(comparison["new_ms"], 4),
+        "speedup": None if not comparison else round(comparison["speedup"], 3),
+        "max_rel_diff_old_new": None if not comparison else comparison["max_rel_diff"],
         "seconds_sr": round(rows[0][2], 3),
         "seconds_ss": round(rows[1][2], 3),
         "seconds_rr": round(rows[2][2], 3),
@@ -107,6 +157,7 @@ def main() -> None:
         "target_clouds": target,
         "target_seconds_total": round(target_total, 1),
         "target_seconds_idle_cores": round(target_idle, 1),
+        "target_seconds_old_estimate": None if target_old is None else round(target_old, 1),
         "extrapolated": extrapolated,
         "meets_10_min_target": bool(target_total < 600),
         "load_average": round(load_before, 2),
