@@ -6,6 +6,7 @@ Layout of a fit folder (``nef-transformers fit --out DIR``)::
     DIR/run.json                      # source, SirenSpec, fit settings, field count: checked on resume
     DIR/shards/shard-000000-001024/   # finished shards (each written to a temporary folder, then renamed)
     DIR/dataset/                      # the merged dataset (written last, also by rename)
+    DIR/README.md                     # its dataset card (`nef_transformers.data.card`), written with it
 
 A folder without ``dataset/`` is incomplete and never loads as a dataset: `load_nef_dataset` says how many
 fields are done and how to resume.
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..fields.fit import FitConfig, fit_neural_fields, make_init
 from ..fields.spec import SirenSpec
+from .card import write_dataset_card
 from .metadata import attach_metadata, get_spec, make_weight_dataset, nef_metadata
 
 logger = logging.getLogger(__name__)
@@ -241,6 +243,7 @@ def _fit_shards(source, out_dir, spec, config, indices, ranges, shared_init, dev
         fit = {**config.to_dict(), "loss_curve": (np.sum(curves, axis=0) / len(merged)).tolist()}
         merged = attach_metadata(merged, spec, shared_init, source.describe(), fit)
         _save_dataset_atomically(merged, dataset_dir)
+        write_dataset_card(merged, out_dir)
     if wait_for_everyone is not None:
         wait_for_everyone()
 
