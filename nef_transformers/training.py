@@ -23,7 +23,13 @@ Several GPUs in bf16::
 Resume an interrupted run: the same command plus ``--resume_from_checkpoint latest`` (or a checkpoint folder).
 Continuous chunks (naive / learned-embedding strategies): a dataset with a ``chunks`` column trains
 `NefGPTForWeightRegression` instead (``--head auto`` picks it). ``--push_to_hub user/name`` uploads the final
-folder with the model card rendered from ``hub_cards/nef_gpt_model_card.md``.
+folder with the model card rendered from ``hub_cards/nef_gpt_model_card.md`` (or ``--model_card_template``, e.g.
+``hub_cards/mnist-vq.md``). The card holds metric values only when ``--card_metrics`` names a measurement (the
+``metrics.json`` of ``nef-transformers quickstart``): its generator row fills the model-index, beside the oracle row::
+
+    accelerate launch examples/train.py --dataset runs/mnist-vq/tokens/dataset \\
+        --tokenizer runs/mnist-vq/tokens/tokenizer --output_dir runs/mnist-vq/model --push_to_hub nefgen/mnist-vq \\
+        --model_card_template hub_cards/mnist-vq.md --card_metrics runs/mnist-vq/eval/metrics.json
 
 Input: ``--dataset`` is a ``datasets`` ``save_to_disk`` folder (a ``Dataset``, or a ``DatasetDict`` with
 ``train`` and ``validation``/``test``) with an ``input_ids`` column (fixed-length VQ ids) or a ``chunks``
@@ -47,6 +53,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
+
+from .card_templates import read_card_template
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CARD_TEMPLATE = REPO_ROOT / "hub_cards" / "nef_gpt_model_card.md"
@@ -147,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="auto: TensorBoard when installed")
     run.add_argument("--push_to_hub", default=None, metavar="REPO", help="push the final folder to this hub repo")
     run.add_argument("--hub_private", action="store_true")
-    run.add_argument("--model_card_template", default=str(DEFAULT_CARD_TEMPLATE))
+    run.add_argument("--model_card_template", default=str(DEFAULT_CARD_TEMPLATE),
+                     help="Jinja card template (hub_cards/: nef_gpt_model_card.md, mnist-vq.md, shapenet-vq.md)")
+    run.add_argument("--card_metrics", default=None, metavar="PATH",
+                     help="metrics.json of `nef-transformers quickstart` or generation_quality.json of "
+                          "benchmarks/generation_quality.py: its generator row fills the card's model-index; "
+                          "without it the card has no metric values")
     return parser
 
 
@@ -386,15 +399,191 @@ def describe_differences(saved: dict, current: dict, prefix: str = "") -> list[s
 
 
 # ------------------------------------------------------------------------------------------------ model card
-def render_model_card(template: str, folder: Path, context: dict) -> None:
+BASE_CARD_TAGS = ("nef_transformers", "nef_gpt", "neural-fields", "weight-space")
+# Rows of a metrics file that are not a trained generator (`nef_transformers.experiment.Run.baseline_rows`): the
+# training fields themselves (the ceiling), training weights plus noise, and a Gaussian in weight space.
+BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian")
+ORACLE_ROW = "oracle-train"
+# (key in a metrics row, model-index type, model-index name, format in the card's table)
+CARD_METRICS = (
+    ("mmd", "mmd", "MMD", "{:.4g}"),
+    ("cov", "cov", "COV (fraction of held-out items covered)", "{:.1%}"),
+    ("one_nna", "1-nna", "1-NNA (leave-one-out 1-NN accuracy, 0.5 is ideal)", "{:.1%}"),
+    ("fd", "frechet-distance", "Frechet distance (features of the run's classifier)", "{:.3g}"),
+)
+REQUIRED_ROW_KEYS = ("strategy", "num_samples", "invalid", *(key for key, *_ in CARD_METRICS))
+
+
+def _check_metrics_row(row: dict, index: int, where: str) -> None:
+    label = f"{where}: rows[{index}] (strategy {row.get('strategy')!r})"
+    for key in REQUIRED_ROW_KEYS:
+        if key not in row:
+            raise ValueError(f"{label} has no key {key!r}; a result row needs {list(REQUIRED_ROW_KEYS)} (values may "
+                             "be null when not measured)")
+    # the metrics, and the optional numbers the card shows beside them
+    for key in (*(key for key, *_ in CARD_METRICS), "memorisation_ratio", "top_k", "temperature"):
+        value = row.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            raise ValueError(f"{label}: {key!r} is {value!r}; expected a finite number, or null when not measured")
+    for key in ("num_samples", "invalid"):
+        if isinstance(row[key], bool) or not isinstance(row[key], int) or row[key] < 0:
+            raise ValueError(f"{label}: {key!r} is {row[key]!r}; expected an integer >= 0")
+
+
+def load_card_metrics(path: str | Path) -> dict:
+    """The measurements a model card reports, from ``--card_metrics``: the ``metrics.json`` of
+    ``nef-transformers quickstart`` or the ``generation_quality.json`` of ``benchmarks/generation_quality.py``.
+
+    The reported row is the first whose strategy is not a baseline (`BASELINE_ROWS`); the ``oracle-train`` row,
+    when present, is shown beside it. Both must hold `REQUIRED_ROW_KEYS`; a missing file or key is a clear error.
+
+    Returns:
+        ``{"file", "generator", "oracle", "model", "source"}``: the file's path, the two rows (``oracle`` may be
+        None), and the evaluated model folder and source when the file names them (else None).
+    """
+    path = Path(path)
+    where = f"--card_metrics {path}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where} does not exist: expected the metrics.json of `nef-transformers quickstart` "
+                                "or the generation_quality.json of benchmarks/generation_quality.py")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{where} is not a JSON file: {error}") from None
+    if not isinstance(payload, dict) or "rows" not in payload:
+        raise ValueError(f"{where} has no key 'rows': expected a JSON object with a list of result rows, as "
+                         "`nef-transformers quickstart` writes in metrics.json")
+    rows = payload["rows"]
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{where}: 'rows' must be a non-empty list of result rows, got {rows!r:.80}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or "strategy" not in row:
+            raise ValueError(f"{where}: rows[{index}] has no key 'strategy'")
+    chosen = [i for i, row in enumerate(rows) if row["strategy"] not in BASELINE_ROWS]
+    if not chosen:
+        raise ValueError(f"{where}: every row is an oracle or baseline ({[row['strategy'] for row in rows]}); "
+                         "there is no generator row to report")
+    oracle = next((i for i, row in enumerate(rows) if row["strategy"] == ORACLE_ROW), None)
+    for index in (chosen[0], oracle):
+        if index is not None:
+            _check_metrics_row(rows[index], index, where)
+    return {"file": str(path), "generator": rows[chosen[0]], "oracle": None if oracle is None else rows[oracle],
+            "model": payload.get("model"), "source": payload.get("source")}
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluated_checkpoint(metrics: dict, folder: Path) -> str:
+    """``"this"`` when the metrics file names the model folder it evaluated and its ``model.safetensors`` equals
+    ``folder``'s, ``"other"`` when they differ, ``"unknown"`` when the file names none (or it is not on this disk)."""
+    named = metrics.get("model")
+    if not named:
+        return "unknown"
+    theirs, ours = Path(named) / "model.safetensors", Path(folder) / "model.safetensors"
+    if not theirs.is_file() or not ours.is_file():
+        return "unknown"
+    return "this" if _file_digest(theirs) == _file_digest(ours) else "other"
+
+
+def card_evaluation(metrics: dict, folder: Path) -> dict:
+    """What the card's body shows of the measurements: the reported rows formatted, and where they come from."""
+    generator = metrics["generator"]
+    provenance = evaluated_checkpoint(metrics, folder)
+    if provenance != "this":
+        logger.warning("--card_metrics %s: %s; the model card says so beside the numbers", metrics["file"],
+                       "the file names no model folder, so the numbers cannot be tied to this checkpoint"
+                       if provenance == "unknown" else f"the numbers are of the model in {metrics['model']}, "
+                       "not of this checkpoint")
+
+    def display(row: dict, name: str) -> dict:
+        cells = {key: "–" if row[key] is None else fmt.format(row[key]) for key, _, _, fmt in CARD_METRICS}
+        ratio = row.get("memorisation_ratio")
+        cells["memorisation_ratio"] = "–" if ratio is None else f"{ratio:.2f}"
+        return {"name": name, "invalid": f"{row['invalid']}/{row['num_samples']}", **cells}
+
+    settings = [f"top-k {generator['top_k']}" if generator.get("top_k") is not None else None,
+                f"temperature {generator['temperature']:g}" if generator.get("temperature") is not None else None]
+    label = generator["strategy"] + (f" ({', '.join(s for s in settings if s)})" if any(settings) else "")
+    rows = [display(generator, label)]
+    if metrics["oracle"] is not None:
+        rows.append(display(metrics["oracle"], f"{ORACLE_ROW} (training fields as samples: the ceiling)"))
+    return {"file": Path(metrics["file"]).name, "checkpoint": provenance,
+            "evaluated_model": metrics["model"], "source": metrics["source"], "strategy": generator["strategy"],
+            "top_k": generator.get("top_k"), "temperature": generator.get("temperature"),
+            "num_samples": generator["num_samples"], "invalid": generator["invalid"], "rows": rows}
+
+
+def card_eval_results(metrics: dict, task_type: str, dataset_type: str) -> list:
+    """The model-index entries (`huggingface_hub.EvalResult`) of the reported row: one per measured metric, the
+    values exactly as in the file; none for metrics the file has as null."""
+    from huggingface_hub import EvalResult
+
+    generator = metrics["generator"]
+    sampling = {key: generator[key] for key in ("top_k", "temperature", "num_samples")
+                if generator.get(key) is not None}
+    dataset_name = f"{metrics['source'] or dataset_type} (held-out items)"
+    return [EvalResult(task_type=task_type, task_name="Unconditional neural-field generation",
+                       dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="held-out",
+                       metric_type=metric_type, metric_name=metric_name, metric_value=generator[key],
+                       metric_args=sampling or None)
+            for key, metric_type, metric_name, _ in CARD_METRICS if generator[key] is not None]
+
+
+def model_card_context(args, argv: list[str], model, summary: dict, num_train: int, num_validation: int) -> dict:
+    """The variables a model card template sees (besides ``evaluation``): the run's arguments and command line,
+    the trained model, its config and field architecture (`SirenSpec`, or None when the dataset had no weight
+    metadata), the data sizes and the final validation loss."""
+    import shlex
+
+    from .fields.spec import SirenSpec
+
+    eval_loss = summary.get("eval_loss")
+    spec = model.config.field_spec
+    return {
+        "field_spec": None if spec is None else SirenSpec.from_dict(spec), "field_source": model.config.field_source,
+        "model_name": args.push_to_hub or Path(args.output_dir).name, "head": summary["head"],
+        "architecture": type(model).__name__, "config": model.config,
+        "num_parameters_m": f"{summary['num_parameters'] / 1e6:.2f}", "dataset_name": Path(args.dataset).name,
+        "num_train": num_train, "num_validation": num_validation,
+        "eval_loss": "n/a" if eval_loss is None else f"{eval_loss:.4f}", "completed_steps": summary["completed_steps"],
+        "world_size": summary["world_size"], "args": vars(args), "command": shlex.join(argv),
+    }
+
+
+def render_model_card(template: str | Path, folder: Path, context: dict, metrics: dict | None = None):
+    """Render a model card template (`nef_transformers.card_templates`) into ``folder/README.md`` and return it.
+
+    The YAML gets ``library_name: transformers``, ``license: apache-2.0`` and `BASE_CARD_TAGS` unless the template
+    says otherwise, the template's own metadata, and, only with ``metrics`` (`load_card_metrics`), a model-index of
+    the measured values. The body sees ``context`` plus ``evaluation`` (`card_evaluation`, or None without metrics).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
-    if not Path(template).is_file():
-        raise FileNotFoundError(f"model card template {template} not found")
-    card_data = ModelCardData(library_name="transformers", license="apache-2.0",
-                              tags=["nef_transformers", "nef_gpt", "neural-fields", "weight-space"])
-    card = ModelCard.from_template(card_data, template_path=template, **context)
+    from .card_templates import merge_tags, render_card
+
+    metadata, body = read_card_template(template)
+    fields = {"library_name": "transformers", "license": "apache-2.0", **metadata}
+    fields["tags"] = merge_tags(metadata.get("tags"), BASE_CARD_TAGS)
+    evaluation = None
+    if metrics is not None:
+        evaluation = card_evaluation(metrics, folder)
+        datasets = fields.get("datasets") or ["custom"]
+        dataset_type = datasets if isinstance(datasets, str) else datasets[0]
+        results = card_eval_results(metrics, fields.get("pipeline_tag") or "other", dataset_type)
+        if results:
+            fields.update(model_name=context["model_name"], eval_results=results)
+    card = render_card(ModelCard, ModelCardData(**fields), body, {**context, "evaluation": evaluation}, template)
     card.save(folder / "README.md")
+    return card
 
 
 def push_folder(folder: Path, repo_id: str, private: bool) -> list[str]:
@@ -412,9 +601,13 @@ def push_folder(folder: Path, repo_id: str, private: bool) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- training
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.INFO)
+    # read before training: a bad card template or metrics file must not surface only after the last step
+    read_card_template(args.model_card_template)
+    card_metrics = load_card_metrics(args.card_metrics) if args.card_metrics else None
 
     import torch
     from accelerate import Accelerator
@@ -623,15 +816,9 @@ def main(argv: list[str] | None = None) -> dict:
             # config.json would clash with the model's) goes to tokenizer/, as in `nef-transformers tokenize`'s OUT
             tokenizer.save_pretrained(output_dir if head == "causal_lm" else output_dir / "tokenizer")
         (output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=1))
-        dataset_name = Path(args.dataset).name
-        render_model_card(args.model_card_template, output_dir, {
-            "model_name": args.push_to_hub or output_dir.name, "head": head,
-            "architecture": type(unwrapped).__name__, "config": unwrapped.config,
-            "num_parameters_m": f"{summary['num_parameters'] / 1e6:.2f}", "dataset_name": dataset_name,
-            "num_train": len(train_values), "num_validation": 0 if val_values is None else len(val_values),
-            "eval_loss": "n/a" if eval_loss is None else f"{eval_loss:.4f}", "completed_steps": completed_steps,
-            "world_size": accelerator.num_processes, "args": vars(args),
-        })
+        render_model_card(args.model_card_template, output_dir, model_card_context(
+            args, argv, unwrapped, summary, len(train_values), 0 if val_values is None else len(val_values)),
+            card_metrics)
         logger.info("saved %s to %s (validation loss %s)", type(unwrapped).__name__, output_dir, eval_loss)
         if args.push_to_hub:
             summary["pushed_files"] = push_folder(output_dir, args.push_to_hub, args.hub_private)

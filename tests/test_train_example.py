@@ -163,6 +163,37 @@ def test_push_to_hub_pushes_the_final_folder(train, data, tmp_path):
     assert card.startswith("---\n") and "library_name: transformers" in card and "someone/nef-gpt-test" in card
 
 
+def test_push_with_card_metrics_fills_the_model_index(train, data, tmp_path):
+    from huggingface_hub import HfApi, ModelCard
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"rows": [
+        {"strategy": "oracle-train", "mmd": 0.04, "cov": 0.5, "one_nna": 0.5, "fd": 2.0, "num_samples": 8,
+         "invalid": 0},
+        {"strategy": "nef_gpt-vq", "top_k": 5, "temperature": 1.0, "mmd": 0.05, "cov": 0.375, "one_nna": 0.8125,
+         "fd": None, "num_samples": 8, "invalid": 1},
+    ]}))
+    template = REPO / "hub_cards" / "mnist-vq.md"
+    with mock.patch.object(HfApi, "create_repo"), mock.patch.object(HfApi, "create_commit") as create_commit, \
+            mock.patch.object(ModelCard, "load", side_effect=AssertionError("no hub README download")):
+        train.main(ids_args(data, tmp_path / "model", "--max_train_steps", "2", "--push_to_hub", "nefgen/mnist-vq",
+                            "--model_card_template", str(template), "--card_metrics", str(metrics)))
+    readme = next(op for op in create_commit.call_args.kwargs["operations"] if op.path_in_repo == "README.md")
+    card = Path(readme.path_or_fileobj).read_text(encoding="utf-8")
+    results = ModelCard(card).data.eval_results
+    assert {r.metric_type: r.metric_value for r in results} == {"mmd": 0.05, "cov": 0.375, "1-nna": 0.8125}
+    assert "| nef_gpt-vq (top-k 5, temperature 1) | 1/8 |" in card and "| oracle-train" in card
+    assert f"--card_metrics {metrics}" in card, "the card records the command that trained the checkpoint"
+
+
+def test_bad_card_metrics_fail_before_training(train, data, tmp_path):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"table": []}))
+    with pytest.raises(ValueError, match=f"--card_metrics {metrics} has no key 'rows'"):
+        train.main(ids_args(data, tmp_path / "model", "--card_metrics", str(metrics)))
+    assert not (tmp_path / "model").exists(), "refused before any training"
+
+
 def test_two_cpu_processes_train_and_resume(data, tmp_path):
     """HF_NOTES trap 3: --multi_gpu + Accelerator(cpu=True) gives one gloo run of world size 2."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
