@@ -43,6 +43,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-items", type=int, default=None, help="seeded subset of the source (default: all)")
     parser.add_argument("--epochs", type=int, default=30, help="NefGPT epochs (continuous strategies)")
     parser.add_argument("--vq-steps", type=int, default=600, help="NefGPT optimizer steps for the vq strategy")
+    parser.add_argument("--vq-batch-size", type=int, default=8, help="NefGPT batch for the vq strategy (1,187-token rows)")
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
@@ -77,7 +78,7 @@ def main(argv=None) -> list[dict]:
         t0 = time.perf_counter()
         run.config.strategy = strategy
         run.config.max_train_steps = args.vq_steps if strategy == "vq" else None
-        run.train(strategy)
+        run.train(strategy, ["--per_device_train_batch_size", str(args.vq_batch_size)] if strategy == "vq" else ())
         timings[f"train_{strategy}"] = time.perf_counter() - t0
         best = None
         for top_k in args.top_k:

@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 # Training length by source: the MNIST default fits the 15-minute budget on 2 CPU cores.
-DEFAULT_EPOCHS = {"image": 30, "occupancy": 60}
+DEFAULT_EPOCHS = {"image": 10, "occupancy": 60}
 
 
 def run_quickstart(args) -> dict:
