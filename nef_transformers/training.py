@@ -563,8 +563,8 @@ def render_model_card(template: str | Path, folder: Path, context: dict, metrics
     """Render a model card template (`nef_transformers.card_templates`) into ``folder/README.md`` and return it.
 
     The YAML gets ``library_name: transformers``, ``license: apache-2.0`` and `BASE_CARD_TAGS` unless the template
-    says otherwise, the template's own metadata, and, only with ``metrics`` (`load_card_metrics`), a model-index of
-    the measured values. The body sees ``context`` plus ``evaluation`` (`card_evaluation`, or None without metrics).
+    says otherwise, the template's own metadata, and, only with ``metrics`` (`load_card_metrics`) measured on this
+    very checkpoint (the metrics file names a model folder with the same weights), a model-index of the values. The body sees ``context`` plus ``evaluation`` (`card_evaluation`, or None without metrics).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -578,8 +578,10 @@ def render_model_card(template: str | Path, folder: Path, context: dict, metrics
         evaluation = card_evaluation(metrics, folder)
         datasets = fields.get("datasets") or ["custom"]
         dataset_type = datasets if isinstance(datasets, str) else datasets[0]
+        # the model-index states numbers of this checkpoint: only when the metrics file names this very model
+        # (same weights); otherwise the body shows them, labelled as another checkpoint's
         results = card_eval_results(metrics, fields.get("pipeline_tag") or "other", dataset_type)
-        if results:
+        if results and evaluation["checkpoint"] == "this":
             fields.update(model_name=context["model_name"], eval_results=results)
     card = render_card(ModelCard, ModelCardData(**fields), body, {**context, "evaluation": evaluation}, template)
     card.save(folder / "README.md")

@@ -66,6 +66,15 @@ def write_metrics(path: Path, rows=None, **extra) -> Path:
     return path
 
 
+def same_checkpoint_metrics(tmp_path: Path, rows=None) -> Path:
+    """A metrics file naming a model folder whose weights file equals the one the card is rendered for."""
+    evaluated, model = tmp_path / "evaluated", tmp_path / "model"
+    for folder in (evaluated, model):
+        folder.mkdir(exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"same weights")
+    return write_metrics(tmp_path / "metrics.json", rows, model=str(evaluated))
+
+
 def flat(text: str) -> str:
     """The text on one line: shell continuations and runs of whitespace become one space."""
     return " ".join(text.replace("\\\n", " ").split())
@@ -93,7 +102,10 @@ def test_card_without_metrics_has_no_metric_values(template, tmp_path):
 
 @pytest.mark.parametrize("template", MODEL_TEMPLATES)
 def test_card_with_metrics_reports_the_files_numbers(template, tmp_path):
-    card = render(template, tmp_path / "model", write_metrics(tmp_path / "metrics.json"))
+    untied = render(template, tmp_path / "untied", write_metrics(tmp_path / "untied.json"))
+    assert ModelCard(untied.content).data.eval_results is None, "numbers not tied to these weights stay out of the YAML"
+    assert "Not tied to this checkpoint" in section(untied.content, "Evaluation results")
+    card = render(template, tmp_path / "model", same_checkpoint_metrics(tmp_path))
     data = ModelCard(card.content).data
     reported = {result.metric_type: result.metric_value for result in data.eval_results}
     assert reported == {METRIC_TYPES[key]: GENERATOR[key] for key in METRIC_TYPES}, "the generator row, exactly"
@@ -102,12 +114,12 @@ def test_card_with_metrics_reports_the_files_numbers(template, tmp_path):
     results = section(card.content, "Evaluation results")
     assert "| nef_gpt-vq (top-k 5, temperature 1) | 2/40 | 0.05123 | 41.2% | 83.5% | 12.2 | 0.95 |" in results
     assert "| oracle-train" in results and "gaussian" not in results, "oracle beside it, other baselines not"
-    assert "Not tied to this checkpoint" in results, "a file that names no model cannot vouch for these weights"
+    assert "Measured on this checkpoint" in results
 
 
 def test_metrics_that_were_not_measured_stay_out_of_the_model_index(tmp_path):
     rows = [{**GENERATOR, "fd": None, "memorisation_ratio": None}]
-    card = render("mnist-vq.md", tmp_path / "model", write_metrics(tmp_path / "metrics.json", rows))
+    card = render("mnist-vq.md", tmp_path / "model", same_checkpoint_metrics(tmp_path, rows))
     types = {result.metric_type for result in ModelCard(card.content).data.eval_results}
     assert types == {"mmd", "cov", "1-nna"}
     results = section(card.content, "Evaluation results")
