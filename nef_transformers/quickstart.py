@@ -62,6 +62,9 @@ DEFAULT_EPOCHS = {"image": 10, "occupancy": 60}
 
 
 def run_quickstart(args) -> dict:
+    if args.source not in ("cifar10", "microimagenet"):
+        # everything is local (embedded MNIST, files, folders): never wait on hub retries without a network
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     from .experiment import Run, RunConfig, metrics_table, save_loss_figure, save_samples_figure
