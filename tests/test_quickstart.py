@@ -107,7 +107,15 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in shards]
     model_stamp = (out / "naive" / "model" / "model.safetensors").stat().st_mtime_ns
 
+    # an interrupted earlier attempt: a half-written tokenization and a half-written samples file are left behind,
+    # and the finished samples are gone; the re-run ignores the leftovers and samples the same fields again
+    (out / "naive" / "tokenization.tmp").mkdir()
+    (out / "naive" / "tokenization.tmp" / "partial.arrow").write_bytes(b"\0" * 10)
+    (samples_file,) = (out / "naive" / "samples").glob("*.safetensors")
+    samples_file.with_name(samples_file.name + ".tmp").write_bytes(b"truncated")
+    samples_file.unlink()
     assert main(["quickstart", "--num-items", "40", "--out", str(out), *TINY]) == 0
+    assert samples_file.is_file()
     assert [p.stat().st_mtime_ns for p in sorted((out / "fields" / "shards").iterdir())] == stamps
     assert (out / "naive" / "model" / "model.safetensors").stat().st_mtime_ns == model_stamp
     assert _read_metrics(out)["rows"][0]["mmd"] == summary["rows"][0]["mmd"]  # same cached samples
