@@ -70,6 +70,8 @@ class RunConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_mixtures: int = 8
+    # learned strategy: epochs of the neuron autoencoder before NefGPT trains on its latents
+    autoencoder_epochs: int = 30
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30
@@ -376,7 +378,8 @@ class Run:
         dataset = self.fit()
         tmp = folder.with_name("tokenization.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        train_tokenizer(dataset, strategy, out_dir=tmp, progress=self.progress)
+        train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_epochs=self.config.autoencoder_epochs,
+                        progress=self.progress)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return folder

@@ -94,7 +94,7 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         assert (out / name).is_file(), name
     summary = _read_metrics(out)
     names = [row["strategy"] for row in summary["rows"]]
-    assert names == ["nef_gpt-naive", "oracle-train", "noisy-train", "gaussian"]
+    assert names == ["nef_gpt-learned", "oracle-train", "noisy-train", "gaussian"]
     for row in summary["rows"]:
         assert row["num_samples"] == 8  # 40 items, 20 % held out
         if row["cov"] is not None:
@@ -105,19 +105,19 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert model.config.field_source["kind"] == "image"
     shards = sorted((out / "fields" / "shards").iterdir())
     stamps = [p.stat().st_mtime_ns for p in shards]
-    model_stamp = (out / "naive" / "model" / "model.safetensors").stat().st_mtime_ns
+    model_stamp = (out / "learned" / "model" / "model.safetensors").stat().st_mtime_ns
 
     # an interrupted earlier attempt: a half-written tokenization and a half-written samples file are left behind,
     # and the finished samples are gone; the re-run ignores the leftovers and samples the same fields again
-    (out / "naive" / "tokenization.tmp").mkdir()
-    (out / "naive" / "tokenization.tmp" / "partial.arrow").write_bytes(b"\0" * 10)
-    (samples_file,) = (out / "naive" / "samples").glob("*.safetensors")
+    (out / "learned" / "tokenization.tmp").mkdir()
+    (out / "learned" / "tokenization.tmp" / "partial.arrow").write_bytes(b"\0" * 10)
+    (samples_file,) = (out / "learned" / "samples").glob("*.safetensors")
     samples_file.with_name(samples_file.name + ".tmp").write_bytes(b"truncated")
     samples_file.unlink()
     assert main(["quickstart", "--num-items", "40", "--out", str(out), *TINY]) == 0
     assert samples_file.is_file()
     assert [p.stat().st_mtime_ns for p in sorted((out / "fields" / "shards").iterdir())] == stamps
-    assert (out / "naive" / "model" / "model.safetensors").stat().st_mtime_ns == model_stamp
+    assert (out / "learned" / "model" / "model.safetensors").stat().st_mtime_ns == model_stamp
     assert _read_metrics(out)["rows"][0]["mmd"] == summary["rows"][0]["mmd"]  # same cached samples
 
     # another split in the same folder is refused, with the way out named
