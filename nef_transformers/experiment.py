@@ -127,6 +127,8 @@ def check_output_folder(out: Path, identity: dict, fresh: bool = False) -> str:
                                for k, v in identity.items() if saved["identity"].get(k) != v]
                 if saved.get("format") != RUN_FORMAT:
                     differences.append(f"run format {saved.get('format')} (this version writes {RUN_FORMAT})")
+                if saved.get("version") != __version__:
+                    differences.append(f"written by nef_transformers {saved.get('version')}, this is {__version__}")
                 if differences:
                     raise RunMismatchError(
                         f"{out} holds another run ({'; '.join(differences)}): pass --fresh to delete it and start "

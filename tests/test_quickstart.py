@@ -44,6 +44,11 @@ def test_output_folder_refuses_other_runs_and_unwritable_paths(tmp_path):
     (tmp_path / "run" / "leftover").write_text("x")
     assert check_output_folder(tmp_path / "run", {"source": "mnist", "num_items": 20}, fresh=True) == "restarted"
     assert not (tmp_path / "run" / "leftover").exists()
+    marker = tmp_path / "run" / "run.json"
+    saved = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**saved, "version": "0.0.1"}))
+    with pytest.raises(RunMismatchError, match=r"written by nef_transformers 0.0.1, this is .*--fresh"):
+        check_output_folder(tmp_path / "run", {"source": "mnist", "num_items": 20})
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(RunMismatchError, match="not empty and holds no run.json"):

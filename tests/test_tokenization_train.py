@@ -99,3 +99,11 @@ def test_tokenize_command(weight_dataset, tmp_path, capsys):
 def test_unknown_strategy(weight_dataset):
     with pytest.raises(ValueError, match="strategy must be one of"):
         train_tokenizer(weight_dataset[0], "bpe")
+
+
+def test_load_tokenization_refuses_a_model_folder(tmp_path):
+    from nef_transformers.models.nef_gpt import NefGPTConfig
+
+    NefGPTConfig(vocab_size=16, max_position_embeddings=8, hidden_size=16, num_attention_heads=2).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="holds a 'nef_gpt' model, not a tokenizer"):
+        load_tokenization(tmp_path)

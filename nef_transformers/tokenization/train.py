@@ -305,6 +305,10 @@ def load_tokenization(directory: str | os.PathLike):
     if (folder / "config.json").is_file():
         from .learned import NefAutoencoder
 
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type != "nef_autoencoder":
+            raise FileNotFoundError(f"{folder} holds a {model_type!r} model, not a tokenizer: a NefGPT folder keeps its "
+                                    f"VQ tokenizer next to config.json and a chunker or autoencoder in tokenizer/")
         return NefAutoencoder.from_pretrained(folder)
     raise FileNotFoundError(f"{directory} holds no tokenizer (expected tokenizer_config.json + codebook.safetensors, "
                             f"chunker_config.json or a NefAutoencoder's config.json)")
