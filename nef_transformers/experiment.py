@@ -42,6 +42,8 @@ RUN_FORMAT = 1
 STRATEGIES = ("naive", "vq", "learned")
 NUM_POINTS = 2048  # points per cloud for the shape metrics (HyperDiffusion)
 MESH_RESOLUTION = 64  # marching-cubes lattice of generated shapes
+# Refuse to start below this much free disk: the MNIST quickstart writes ~150 MiB (fields, checkpoints, samples).
+MIN_FREE_BYTES = 256 * 2**20
 
 
 class RunMismatchError(ValueError):
@@ -137,6 +139,11 @@ def check_output_folder(out: Path, identity: dict, fresh: bool = False) -> str:
         elif any(out.iterdir()):
             raise RunMismatchError(f"{out} is not empty and holds no run.json: choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise OSError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; a run needs at least "
+                      f"{MIN_FREE_BYTES / 2**20:.0f} MiB (fields, tokenizer, checkpoints): free some space or choose "
+                      f"another --out")
     probe = out / ".write_test"
     try:
         probe.write_bytes(b"0" * 1024)

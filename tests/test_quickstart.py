@@ -58,6 +58,17 @@ def test_output_folder_refuses_other_runs_and_unwritable_paths(tmp_path):
         check_output_folder(tmp_path / "a_file" / "run", identity)
 
 
+def test_output_folder_refuses_a_full_disk_before_any_work(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30 - 2**20, 2**20))
+    with pytest.raises(OSError, match=r"only 1 MiB free on the disk of .*needs at least 256 MiB"):
+        check_output_folder(tmp_path / "run", {"source": "mnist"})
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_gaussian_baseline_matches_training_moments():
     generator = torch.Generator().manual_seed(0)
     mixing = torch.randn(4, 4, generator=generator)
