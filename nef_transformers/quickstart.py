@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 # Sampling defaults of the quickstart (benchmarks/generation_quality.py compares the grid).
 DEFAULT_TOP_K = 3
-DEFAULT_TEMPERATURE = 0.8
+DEFAULT_TEMPERATURE = 0.5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
