@@ -31,7 +31,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -93,12 +93,6 @@ class RunConfig:
                 "split_seed": self.split_seed, "fit_steps": self.fit_steps, "fit_batch_size": self.fit_batch_size}
 
 
-def _atomic_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
@@ -112,6 +106,7 @@ def check_output_folder(out: Path, identity: dict, fresh: bool = False) -> str:
     non-empty folder that is not a run is refused. A folder that cannot be written fails here, before any work.
     """
     from . import __version__
+    from .data.weights import _atomic_write_text, check_writable
 
     out = Path(out)
     marker = out / "run.json"
@@ -138,20 +133,15 @@ def check_output_folder(out: Path, identity: dict, fresh: bool = False) -> str:
                 state = "resumed"
         elif any(out.iterdir()):
             raise RunMismatchError(f"{out} is not empty and holds no run.json: choose an empty or new folder")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     free = shutil.disk_usage(out).free
     if free < MIN_FREE_BYTES:
         raise OSError(f"only {free / 2**20:.0f} MiB free on the disk of {out}; a run needs at least "
                       f"{MIN_FREE_BYTES / 2**20:.0f} MiB (fields, tokenizer, checkpoints): free some space or choose "
                       f"another --out")
-    probe = out / ".write_test"
-    try:
-        probe.write_bytes(b"0" * 1024)
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"cannot write to {out} ({error.strerror or error}): choose a writable --out") from error
     if state != "resumed":
-        _atomic_json(marker, {"format": RUN_FORMAT, "identity": identity, "version": __version__})
+        payload = {"format": RUN_FORMAT, "identity": identity, "version": __version__}
+        _atomic_write_text(marker, json.dumps(payload, indent=2, sort_keys=True))
     return state
 
 
