@@ -34,7 +34,6 @@ Axis legend: ``b`` fields, ``p`` flat parameters, ``t`` sequence positions, ``w`
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 from typing import TYPE_CHECKING, Sequence, TypedDict
@@ -135,17 +134,13 @@ def find_tokenization(folder: str | os.PathLike):
 
     Raises a `FileNotFoundError` naming the folder and the files it looked for.
     """
+    from ..tokenization.train import load_tokenization
+
     folder = os.fspath(folder)
-    for place in (folder, os.path.join(folder, "tokenizer")):
-        if os.path.isfile(os.path.join(place, VOCAB_FILES_NAMES["codebook_file"])):
-            return NefVQTokenizer.from_pretrained(place)
-        if os.path.isfile(os.path.join(place, CHUNKER_CONFIG_NAME)):
-            return NeuronChunker.from_pretrained(place)
-        config_file = os.path.join(place, "config.json")
-        if os.path.isfile(config_file):
-            with open(config_file, encoding="utf-8") as handle:
-                if json.load(handle).get("model_type") == "nef_autoencoder":
-                    return NefAutoencoder.from_pretrained(place)
+    try:
+        return load_tokenization(folder)
+    except FileNotFoundError:
+        pass
     raise FileNotFoundError(
         f"{folder} holds no tokenizer: expected a NefVQTokenizer at its root (tokenizer_config.json + "
         f"{VOCAB_FILES_NAMES['codebook_file']}) or, for a regression model, a tokenizer/ folder with a NeuronChunker "
