@@ -7,8 +7,9 @@
 For each strategy (``--strategies``) it trains one NefGPT and samples it on the grid top-k x temperature
 (``--top-k 3 5 --temperature 0.8 1.0``, the proposal's table). In the same run: ``oracle-train`` (training
 fields as the generator: the i.i.d. ceiling), ``noisy-train`` (training weights plus noise), ``gaussian`` (a
-Gaussian fitted in weight space). Every row: MMD, COV, 1-NNA against the held-out test items, the Fréchet
-distance on a classifier trained on the training split, the memorisation ratio (median nearest-training
+Gaussian fitted in weight space) and, with the learned strategy, ``autoencoder-train`` (the oracle's training
+fields through its autoencoder: what a perfect prior over the latents would score). Every row: MMD, COV,
+1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split, the memorisation ratio (median nearest-training
 distance of samples / of held-out real items) and, for labelled images, the share of samples the classifier
 recognises with confidence >= 0.9 and the spread over classes.
 
@@ -44,8 +45,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--epochs", type=int, default=30, help="NefGPT epochs (continuous strategies)")
     parser.add_argument("--vq-steps", type=int, default=600, help="NefGPT optimizer steps for the vq strategy")
     parser.add_argument("--vq-batch-size", type=int, default=8, help="NefGPT batch for the vq strategy (1,187-token rows)")
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--hidden-size", type=int, default=128, help="NefGPT width")
+    parser.add_argument("--num-layers", type=int, default=4, help="NefGPT layers")
+    parser.add_argument("--heads", type=int, default=4, help="NefGPT attention heads")
+    parser.add_argument("--num-mixtures", type=int, default=8, help="NefGPT regression head: mixture components")
+    parser.add_argument("--batch-size", type=int, default=32, help="NefGPT batch (continuous strategies)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="NefGPT peak learning rate")
+    parser.add_argument("--ae-epochs", type=int, default=30, help="learned strategy: autoencoder epochs")
+    parser.add_argument("--ae-hidden-size", type=int, default=32, help="learned strategy: autoencoder width")
+    parser.add_argument("--ae-layers", type=int, default=1, help="learned strategy: autoencoder layers (each side)")
+    parser.add_argument("--ae-latent-dim", type=int, default=16, help="learned strategy: latent width per neuron")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -64,7 +73,11 @@ def main(argv=None) -> list[dict]:
     name = Path(str(args.source)).stem
     out = Path(args.out or f"runs/generation_quality_{name}{'_quick' if args.quick else ''}")
     config = RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
-                       num_hidden_layers=args.num_layers, num_train_epochs=args.epochs)
+                       num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
+                       num_mixtures=args.num_mixtures, batch_size=args.batch_size, learning_rate=args.lr,
+                       num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
+                       autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
+                       autoencoder_latent_dim=args.ae_latent_dim)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
     started = time.perf_counter()
@@ -80,6 +93,8 @@ def main(argv=None) -> list[dict]:
         run.config.max_train_steps = args.vq_steps if strategy == "vq" else None
         run.train(strategy, ["--per_device_train_batch_size", str(args.vq_batch_size)] if strategy == "vq" else ())
         timings[f"train_{strategy}"] = time.perf_counter() - t0
+        if strategy == "learned":  # the ceiling of the prior: training fields through the autoencoder
+            rows.append(run.autoencoder_row())
         best = None
         for top_k in args.top_k:
             for temperature in args.temperature:

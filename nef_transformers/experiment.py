@@ -72,8 +72,11 @@ class RunConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_mixtures: int = 8
-    # learned strategy: epochs of the neuron autoencoder before NefGPT trains on its latents
+    # learned strategy: the neuron autoencoder (`NefAutoencoderConfig`) trained before NefGPT models its latents
     autoencoder_epochs: int = 30
+    autoencoder_hidden_size: int = 32
+    autoencoder_layers: int = 1
+    autoencoder_latent_dim: int = 16
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30
@@ -86,6 +89,16 @@ class RunConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+    def stage_settings(self, strategy: str) -> dict:
+        """The settings a strategy's cached tokenization and model were made with (compared on reuse)."""
+        tokenization = {}
+        if strategy == "learned":
+            tokenization = {"epochs": self.autoencoder_epochs, "hidden_size": self.autoencoder_hidden_size,
+                            "num_layers": self.autoencoder_layers, "latent_dim": self.autoencoder_latent_dim}
+        model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
+                 "num_attention_heads": self.num_attention_heads}
+        return {"tokenization": tokenization, "model": model}
 
     def identity(self) -> dict:
         """The settings that make outputs incomparable when they change (run.json)."""
@@ -143,6 +156,15 @@ def check_output_folder(out: Path, identity: dict, fresh: bool = False) -> str:
         payload = {"format": RUN_FORMAT, "identity": identity, "version": __version__}
         _atomic_write_text(marker, json.dumps(payload, indent=2, sort_keys=True))
     return state
+
+
+def _check_cached(folder: Path, saved: dict, wanted: dict) -> None:
+    """Refuse to reuse a stage made with other settings (it would silently stand in for the one asked for)."""
+    differences = [f"{key}: {saved.get(key)!r} there, {value!r} asked" for key, value in wanted.items()
+                   if saved.get(key) != value]
+    if differences:
+        raise RunMismatchError(f"{folder} was made with other settings ({'; '.join(differences)}): delete it, pass "
+                               f"--fresh, or choose another --out")
 
 
 def subset_source(source, indices: Sequence[int]):
@@ -372,13 +394,27 @@ class Run:
 
         strategy = strategy or self.config.strategy
         folder = self.strategy_dir(strategy) / "tokenization"
+        wanted = self.config.stage_settings(strategy)["tokenization"]
         if (folder / "tokenize.json").is_file():
+            info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
+            saved = {"epochs": info.get("epochs"), **{k: info.get("settings", {}).get(k) for k in wanted if k != "epochs"}}
+            _check_cached(folder, {k: saved.get(k) for k in wanted}, wanted)
             return folder
         dataset = self.fit()
         tmp = folder.with_name("tokenization.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_epochs=self.config.autoencoder_epochs,
-                        progress=self.progress)
+        autoencoder_config = None
+        if strategy == "learned":
+            from .data.metadata import get_spec
+            from .tokenization.learned import NefAutoencoderConfig
+
+            c = self.config
+            autoencoder_config = NefAutoencoderConfig(
+                spec=get_spec(dataset).to_dict(), latent_dim=c.autoencoder_latent_dim,
+                hidden_size=c.autoencoder_hidden_size, num_layers=c.autoencoder_layers)
+        train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_config=autoencoder_config,
+                        autoencoder_epochs=self.config.autoencoder_epochs, progress=self.progress,
+                        device=self.device)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return folder
@@ -392,6 +428,11 @@ class Run:
         strategy = strategy or self.config.strategy
         tokenization = self.tokenize(strategy)
         model_dir = self.strategy_dir(strategy) / "model"
+        for config_file in (model_dir / "config.json", *sorted((model_dir / "checkpoints").glob("step_*/config.json"))):
+            if config_file.is_file():  # a finished model or a checkpoint to resume: made with the same sizes?
+                wanted = self.config.stage_settings(strategy)["model"]
+                saved = json.loads(config_file.read_text(encoding="utf-8"))
+                _check_cached(config_file.parent, {k: saved.get(k) for k in wanted}, wanted)
         if (model_dir / "model.safetensors").is_file() and (model_dir / "trainer_state.json").is_file():
             state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
             if state.get("finished"):
@@ -477,9 +518,22 @@ class Run:
             counts = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
             shares = counts / counts.sum()
             entropy = -(shares[shares > 0] * np.log(shares[shares > 0])).sum()
-            row["class_spread"] = float(entropy / math.log(len(shares)))  # 1: every class equally often
+            row["class_spread"] = abs(float(entropy / math.log(len(shares))))  # abs: no "-0.00"  # 1: every class equally often
             row["class_counts"] = counts.tolist()
         return row
+
+    def autoencoder_row(self, seed: int = 0) -> dict:
+        """``autoencoder-train``: the oracle's training fields passed through the learned strategy's autoencoder
+        (encode -> decode). The ceiling of any prior over its latents: a perfect NefGPT would score this."""
+        from .data.metadata import weights_tensor
+        from .tokenization.learned import NefAutoencoder
+
+        autoencoder = NefAutoencoder.from_pretrained(self.tokenize("learned") / "tokenizer").to(self.device)
+        train_weights = weights_tensor(self.fit())
+        rows = torch.randperm(len(train_weights), generator=torch.Generator().manual_seed(seed))[:len(self.split()[1])]
+        with torch.no_grad():
+            decoded = torch.cat([autoencoder(part.to(self.device))[0].cpu() for part in train_weights[rows].split(256)])
+        return self.evaluate_weights(decoded, "autoencoder-train")
 
     def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
         """``oracle-train`` (training fields as the generator, as many as test items), ``noisy-train`` (training

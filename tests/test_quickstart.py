@@ -139,6 +139,21 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     # another split in the same folder is refused, with the way out named
     assert main(["quickstart", "--num-items", "30", "--out", str(out), *TINY]) == 1
 
+    # the same split with another autoencoder or another NefGPT size: the cached stages are not silently reused
+    from nef_transformers.experiment import Run, RunConfig
+
+    same = dict(source="mnist", num_items=40, fit_steps=5, strategy="learned", hidden_size=16, num_hidden_layers=1,
+                num_attention_heads=4, num_train_epochs=1, max_train_steps=3, autoencoder_epochs=1)
+    with pytest.raises(RunMismatchError, match="hidden_size: 32 there, 64 asked"):
+        Run(out, RunConfig(**same, autoencoder_hidden_size=64), device="cpu", progress=False).tokenize()
+    with pytest.raises(RunMismatchError, match="hidden_size: 16 there, 32 asked"):
+        Run(out, RunConfig(**{**same, "hidden_size": 32}), device="cpu", progress=False).train()
+    # the autoencoder ceiling row: the oracle's training fields through the autoencoder, scored like the others
+    run = Run(out, RunConfig(**same), device="cpu", progress=False)
+    row = run.autoencoder_row()
+    assert row["strategy"] == "autoencoder-train" and row["num_samples"] == 8 and row["mmd"] is not None
+    assert row["mmd"] != oracle["mmd"]  # decoded fields differ from the training fields themselves
+
 
 @pytest.mark.timeout(600)
 def test_quickstart_on_voxel_shapes_writes_meshes(tmp_path):

@@ -194,8 +194,10 @@ def train_autoencoder(
     lr: float = 1e-3,
     seed: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[NefAutoencoder, dict]:
-    """Train a `NefAutoencoder` on ``weights (b, p)`` with the loss measured on ``coords (n, in_dim)``.
+    """Train a `NefAutoencoder` on ``weights (b, p)`` with the loss measured on ``coords (n, in_dim)``, on
+    ``device`` (the batches move there; the returned model is back on the CPU).
 
     Returns the model (eval mode) and ``{"loss_curve": mean loss per epoch, "function_mse", "weight_mse"}``
     of the last epoch.
@@ -211,7 +213,8 @@ def train_autoencoder(
     torch.manual_seed(seed)
     weights = weights.float()
     chunker = NeuronChunker(spec, shared_init, "neuron")
-    model = NefAutoencoder(config, shared_init, chunk_scale(chunker, chunker.to_chunks(weights)))
+    model = NefAutoencoder(config, shared_init, chunk_scale(chunker, chunker.to_chunks(weights))).to(device)
+    coords = coords.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * -(-weights.shape[0] // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -223,7 +226,7 @@ def train_autoencoder(
         order = torch.randperm(weights.shape[0], generator=generator)
         total, sums = 0.0, {"function_mse": 0.0, "weight_mse": 0.0}
         for start in range(0, len(order), batch_size):
-            batch = weights[order[start:start + batch_size]]
+            batch = weights[order[start:start + batch_size]].to(device, non_blocking=True)
             loss, parts = model.loss(batch, coords)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -238,7 +241,7 @@ def train_autoencoder(
         last = {key: value / len(order) for key, value in sums.items()}
         bar.set_postfix(loss=f"{curve[-1]:.3g}")
     bar.close()
-    return model.eval(), {"loss_curve": curve, **last}
+    return model.cpu().eval(), {"loss_curve": curve, **last}
 
 
 __all__ = ["NefAutoencoder", "NefAutoencoderConfig", "train_autoencoder"]

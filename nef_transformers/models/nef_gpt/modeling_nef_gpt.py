@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import ModelOutput
 
 from .configuration_nef_gpt import STRUCTURE_FIELDS, NefGPTConfig
+
+# transformers 5.x renamed the outputs' `past_key_values` to `cache` (HF_NOTES.md); releases before the rename
+# (5.17 on a lent GPU machine, say) still build and read `past_key_values`. Both are supported.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclass_fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def _cache_of(outputs) -> Cache | None:
+    return getattr(outputs, _CACHE_FIELD)
 
 
 # ------------------------------------------------------------------------------------------------- layers
@@ -232,6 +241,7 @@ class NefGPTModel(NefGPTPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         class_labels: torch.LongTensor | None = None,
@@ -249,6 +259,7 @@ class NefGPTModel(NefGPTPreTrainedModel):
             class_labels (`torch.LongTensor` of shape `(b,)`, *optional*): labels in `[0, num_classes)` of a
                 conditional model; `None` uses its "no label" embedding.
         """
+        cache = cache if cache is not None else past_key_values  # transformers before the rename pass this
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -290,7 +301,8 @@ class NefGPTModel(NefGPTPreTrainedModel):
                 all_hidden_states += (hidden_states,)
         hidden_states = self.norm(hidden_states)
 
-        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, hidden_states=all_hidden_states)
+        output = BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                         **{_CACHE_FIELD: cache})
         return output if return_dict else output.to_tuple()
 
     def _check_length(self, kv_length: int) -> None:
@@ -440,7 +452,8 @@ class NefGPTForCausalLM(NefGPTPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear):
         self.lm_head = value
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache, position_ids=None, **kwargs):
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, cache=None, position_ids=None,
+                                  **kwargs):
         """`generate()` hook for static caches: keep the 2D padding mask, NefGPT builds its own SDPA mask (and
         skips it on the causal and one-token fast paths) in `build_attention_mask`."""
         return attention_mask
@@ -450,6 +463,7 @@ class NefGPTForCausalLM(NefGPTPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -471,6 +485,7 @@ class NefGPTForCausalLM(NefGPTPreTrainedModel, GenerationMixin):
         Returns: [`~transformers.modeling_outputs.CausalLMOutputWithPast`] with `logits` `(b, t, v)` and `cache`.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        cache = cache if cache is not None else past_key_values
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, cache=cache, inputs_embeds=inputs_embeds,
             use_cache=use_cache, class_labels=class_labels, output_hidden_states=output_hidden_states,
@@ -489,7 +504,7 @@ class NefGPTForCausalLM(NefGPTPreTrainedModel, GenerationMixin):
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
             )
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{_CACHE_FIELD: _cache_of(outputs)}
         )
         return output if return_dict else output.to_tuple()
 
@@ -628,6 +643,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
         chunk_mask: torch.Tensor | None = None,
         class_labels: torch.LongTensor | None = None,
         cache: Cache | None = None,
+        past_key_values: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -653,6 +669,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             raise ValueError(
                 f"chunks must have shape (b, n, chunk_dim={self.config.chunk_dim}), got {tuple(chunks.shape)}"
             )
+        cache = cache if cache is not None else past_key_values
         past = _cache_length(cache)
         embeds = self.head.embed(chunks.to(self.head.chunk_proj.weight.dtype), prepend_start=past == 0)
         outputs = self.model(
@@ -678,7 +695,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             loss = mixture_nll(mixture_logits, means, log_stds, labels, chunk_mask)
 
         output = NefGPTWeightRegressionOutput(
-            loss=loss, mixture_logits=mixture_logits, means=means, log_stds=log_stds, cache=outputs.cache,
+            loss=loss, mixture_logits=mixture_logits, means=means, log_stds=log_stds, cache=_cache_of(outputs),
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
