@@ -51,6 +51,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-mixtures", type=int, default=8, help="NefGPT regression head: mixture components")
     parser.add_argument("--batch-size", type=int, default=32, help="NefGPT batch (continuous strategies)")
     parser.add_argument("--lr", type=float, default=1e-3, help="NefGPT peak learning rate")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="NefGPT: keep the weights of the lowest validation loss (--keep_best_model)")
     parser.add_argument("--ae-epochs", type=int, default=30, help="learned strategy: autoencoder epochs")
     parser.add_argument("--ae-hidden-size", type=int, default=32, help="learned strategy: autoencoder width")
     parser.add_argument("--ae-layers", type=int, default=1, help="learned strategy: autoencoder layers (each side)")
@@ -77,7 +79,7 @@ def main(argv=None) -> list[dict]:
                        num_mixtures=args.num_mixtures, batch_size=args.batch_size, learning_rate=args.lr,
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
-                       autoencoder_latent_dim=args.ae_latent_dim)
+                       autoencoder_latent_dim=args.ae_latent_dim, keep_best_model=args.keep_best)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
     started = time.perf_counter()

@@ -82,6 +82,8 @@ class RunConfig:
     num_train_epochs: int = 30
     max_train_steps: int | None = None
     class_conditional: bool = False
+    # keep the weights of the lowest validation loss (`--keep_best_model`): large NefGPTs overfit 4,000 fields
+    keep_best_model: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -452,6 +454,8 @@ class Run:
             argv += ["--max_train_steps", str(c.max_train_steps)]
         if c.class_conditional:
             argv.append("--class_conditional")
+        if c.keep_best_model:
+            argv.append("--keep_best_model")
         if any((model_dir / "checkpoints").glob("step_*/*")):
             argv += ["--resume_from_checkpoint", "latest"]
         try:

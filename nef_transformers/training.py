@@ -49,6 +49,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -60,6 +61,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CARD_TEMPLATE = REPO_ROOT / "hub_cards" / "nef_gpt_model_card.md"
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "nef_training_state.json"  # written last: a checkpoint without it is incomplete and ignored
+BEST_DIR, BEST_WEIGHTS, BEST_STATE = "best", "model.safetensors", "best.json"  # --keep_best_model
 HEADS = ("auto", "causal_lm", "regression")
 LOCAL_ONLY = ("checkpoints", "logs")  # sub-folders of --output_dir that are never pushed
 # Arguments that change the optimisation trajectory: resuming with other values is refused.
@@ -150,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint and stop once this many steps are done (e.g. a job time limit); "
                           "continue later with --resume_from_checkpoint latest")
     run.add_argument("--eval_steps", type=_positive_int, default=500, help="validation loss every N steps (and at the end)")
+    run.add_argument("--keep_best_model", action="store_true",
+                     help="save the weights of the lowest validation loss (OUTPUT_DIR/best/) and make them the final "
+                          "model, as transformers.Trainer's load_best_model_at_end: small weight datasets overfit")
     run.add_argument("--logging_steps", type=_positive_int, default=50)
     run.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto",
                      help="auto: TensorBoard when installed")
@@ -165,6 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------------ data
+def _untied(state: dict) -> dict:
+    """A state dict for safetensors: one entry per shared storage (tied embeddings), on the CPU."""
+    seen, kept = set(), {}
+    for key, value in state.items():
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
+        kept[key] = value.detach().cpu().contiguous()
+    return kept
+
+
 def load_splits(path: str, validation_split: float, seed: int):
     """``(train, validation)`` `datasets.Dataset`s from a save_to_disk folder (split off when absent)."""
     from datasets import DatasetDict, load_from_disk
@@ -743,6 +759,28 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    best_dir = output_dir / BEST_DIR
+    best = {"eval_loss": float("inf"), "step": None}
+    if args.keep_best_model and val_loader is None:
+        raise ValueError("--keep_best_model needs a validation split (--validation_split > 0)")
+    if args.keep_best_model and (best_dir / BEST_STATE).is_file():  # resumed: the best so far survives the restart
+        best = json.loads((best_dir / BEST_STATE).read_text(encoding="utf-8"))
+
+    def track_best(eval_loss: float | None, step: int) -> None:
+        if not args.keep_best_model or eval_loss is None or not eval_loss < best["eval_loss"]:
+            return
+        best.update(eval_loss=eval_loss, step=step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            from safetensors.torch import save_file
+
+            best_dir.mkdir(parents=True, exist_ok=True)
+            tmp = best_dir / (BEST_WEIGHTS + ".tmp")
+            save_file(_untied(accelerator.unwrap_model(model).state_dict()), str(tmp))
+            os.replace(tmp, best_dir / BEST_WEIGHTS)
+            (best_dir / BEST_STATE).write_text(json.dumps(best), encoding="utf-8")
+        accelerator.wait_for_everyone()
+
     # 4. train
     history: list[dict] = []
     start_epoch = completed_steps // steps_per_epoch
@@ -788,6 +826,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if eval_loss is not None:
                     accelerator.log({"eval_loss": eval_loss}, step=completed_steps)
                     history.append({"step": completed_steps, "eval_loss": eval_loss})
+                track_best(eval_loss, completed_steps)
             if completed_steps % args.checkpointing_steps == 0 or completed_steps == stop_at:
                 save_checkpoint(completed_steps)
             if completed_steps >= stop_at:
@@ -809,6 +848,18 @@ def main(argv: list[str] | None = None) -> dict:
     if eval_loss is not None:
         accelerator.log({"eval_loss": eval_loss}, step=completed_steps)
         history.append({"step": completed_steps, "eval_loss": eval_loss})
+    track_best(eval_loss, completed_steps)
+    if args.keep_best_model:
+        # the final folder holds the best weights; its validation loss is theirs, the last step's is kept beside it
+        from safetensors.torch import load_file
+
+        accelerator.wait_for_everyone()
+        weights = load_file(str(best_dir / BEST_WEIGHTS))
+        accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
+        summary.update(final_eval_loss=eval_loss, best_step=best["step"], eval_loss=best["eval_loss"])
+        eval_loss = best["eval_loss"]
+        logger.info("keeping the weights of step %s (validation loss %.4f; last step %.4f)", best["step"],
+                    best["eval_loss"], summary["final_eval_loss"])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)

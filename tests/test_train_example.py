@@ -118,6 +118,28 @@ def test_output_folder_reloads_through_auto_classes(train, data, tmp_path):
     assert any("eval_loss" in record for record in state["log_history"])
 
 
+STEPS, LR = 40, 0.01  # seeded: the validation loss bottoms out before the last step (32 of 40 here)
+
+
+def test_keep_best_model_keeps_the_lowest_validation_loss(train, data, tmp_path):
+    # random codes and a large learning rate: the validation loss stops falling before the end
+    summary = train.main(ids_args(data, tmp_path, "--max_train_steps", str(STEPS), "--learning_rate", str(LR),
+                                  "--keep_best_model"))
+    evals = [(record["step"], record["eval_loss"]) for record in summary["log_history"] if "eval_loss" in record]
+    assert [step for step, _ in evals] == list(range(2, STEPS + 1, 2))
+    best_step, best_loss = min(evals, key=lambda item: item[1])
+    assert summary["best_step"] == best_step and summary["eval_loss"] == best_loss
+    assert summary["final_eval_loss"] == evals[-1][1]
+    final, best = load_file(tmp_path / "model.safetensors"), load_file(tmp_path / "best" / "model.safetensors")
+    assert best.keys() <= final.keys() and all(torch.equal(final[k], best[k]) for k in best)
+    assert best_step < STEPS  # so the final folder is not the last step's model
+    last = load_file(next((tmp_path / "checkpoints" / f"step_{STEPS}").glob("model*.safetensors")))
+    assert any(not torch.equal(last[k], final[k]) for k in best if k in last)
+    with pytest.raises(ValueError, match="--keep_best_model needs a validation split"):
+        train.main(ids_args(data, tmp_path / "no_val", "--max_train_steps", "2", "--keep_best_model",
+                            "--validation_split", "0"))
+
+
 def test_regression_head_trains_on_chunks(train, data, tmp_path):
     from nef_transformers.models.nef_gpt import NefGPTForWeightRegression
     from nef_transformers.tokenization import NeuronChunker
