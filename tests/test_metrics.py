@@ -74,7 +74,7 @@ def clouds():
 
 
 # ------------------------------------------------------------------------------------------- distances
-@pytest.mark.parametrize("method", ["kdtree", "dense"])
+@pytest.mark.parametrize("method", ["grid", "kdtree", "dense"])
 def test_chamfer_matches_brute_force(clouds, method):
     a, b = clouds  # 60 and 45 points: the sets may differ in cloud size
     expected = brute_matrix(a, b, brute_chamfer)
@@ -93,20 +93,21 @@ def test_chamfer_chunked_equals_unchunked_and_symmetric_equals_rectangular(cloud
                                                            progress=False), whole, rtol=1e-6, atol=1e-7)
     threads = torch.get_num_threads()
     for workers in (2, 3):  # whole units of work per thread give the same numbers, torch's threads restored
-        for method, options in (("dense", dict(chunk_elements=200)), ("kdtree", {})):
+        for method, options in (("dense", dict(chunk_elements=200)), ("kdtree", {}), ("grid", {})):
             assert torch.equal(
                 chamfer_distance_matrix(a, b, method=method, num_workers=workers, progress=False, **options),
                 chamfer_distance_matrix(a, b, method=method, num_workers=1, progress=False, **options))
             assert torch.get_num_threads() == threads
-    for method in ("dense", "kdtree"):
+    for method in ("dense", "kdtree", "grid"):
         within = chamfer_distance_matrix(a, method=method, progress=False, dtype=torch.float64)
         assert torch.equal(within, within.T) and torch.all(within.diagonal() == 0)
         torch.testing.assert_close(within, chamfer_distance_matrix(a, a, method=method, progress=False,
                                                                    dtype=torch.float64))
         np.testing.assert_allclose(within.numpy(), brute_matrix(a, a, brute_chamfer), rtol=1e-12, atol=1e-15)
-    # k-d trees: the triangle (each pair once) is bit for bit the full matrix
-    assert torch.equal(chamfer_distance_matrix(a, method="kdtree", progress=False),
-                       chamfer_distance_matrix(a, a, method="kdtree", progress=False))
+    # k-d trees and grids: the triangle (each pair once) is bit for bit the full matrix
+    for method in ("kdtree", "grid"):
+        assert torch.equal(chamfer_distance_matrix(a, method=method, progress=False),
+                           chamfer_distance_matrix(a, a, method=method, progress=False))
 
 
 def test_kdtree_equals_dense_on_the_protocols_clouds():
@@ -119,19 +120,83 @@ def test_kdtree_equals_dense_on_the_protocols_clouds():
                                chamfer_distance_matrix(b, method="dense", progress=False), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("method", ["kdtree", "dense"])
+def _grid_cases():
+    """(name, a, b) float64 sets that stress the grid search: queries outside the other cloud's box, n != m,
+    duplicates, flat, single-point and one-location clouds, far-apart and far-from-origin clouds."""
+    rng = np.random.default_rng(11)
+    normal = rng.normal(size=(3, 50, 3))
+    wide = rng.normal(size=(2, 37, 3)) * [4.0, 0.5, 2.0] + [1.0, -3.0, 0.5]  # mostly outside `normal`'s boxes
+    duplicated = np.repeat(rng.normal(size=(2, 10, 3)), 4, axis=1)  # every point 4 times
+    flat = rng.normal(size=(2, 40, 3)) * [1.0, 1.0, 0.0]  # zero extent along z
+    line = np.zeros((1, 40, 3))
+    line[0, :, 1] = rng.normal(size=40)  # zero extent along x and z
+    clustered = np.concatenate([rng.normal(size=(1, 30, 3)) * 0.01, rng.normal(size=(1, 30, 3)) * 0.01 + 5.0], 1)
+    single = rng.normal(size=(4, 1, 3))
+    same = np.full((2, 20, 3), 0.7)  # all points at one location
+    return [
+        ("outside boxes, n != m", normal, wide),
+        ("duplicates", duplicated, normal),
+        ("flat", flat, normal[:, :33]),
+        ("flat against flat", flat, flat[::-1] * 0.9 + 0.05),
+        ("line", line, normal),
+        ("two clusters (mostly empty grid)", clustered, normal * 3.0),
+        ("single points", single, normal),
+        ("single against single", single, single[::-1] + 0.1),
+        ("one location", same, normal),
+        ("far apart", normal, wide + [1e3, -2e3, 5e2]),
+        ("far from the origin", normal + 1e4, wide * 1e-3 + 1e4),
+        ("mixed", np.concatenate([normal[:, :40], flat]), wide[:, :11]),
+    ]
+
+
+@pytest.mark.parametrize("name, a, b", _grid_cases(), ids=[case[0] for case in _grid_cases()])
+def test_grid_is_exact_on_hard_cases(name, a, b):
+    expected = brute_matrix(a, b, brute_chamfer)
+    got = chamfer_distance_matrix(a, b, method="grid", dtype=torch.float64, progress=False).numpy()
+    # the minima are the brute-force ones (a wrong nearest point would move a mean far more than 1e-12)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)
+    both = np.concatenate([a[:, :min(a.shape[1], b.shape[1])], b[:, :min(a.shape[1], b.shape[1])]])
+    within = chamfer_distance_matrix(both, method="grid", dtype=torch.float64, progress=False)
+    assert torch.equal(within, within.T) and torch.all(within.diagonal() == 0)
+    np.testing.assert_allclose(within.numpy(), brute_matrix(both, both, brute_chamfer), rtol=1e-12, atol=0)
+
+
+def test_grid_equals_kdtree_on_surfaces_and_auto_picks_it(monkeypatch):
+    rng = np.random.default_rng(5)
+    spheres = rng.normal(size=(5, 2048, 3))
+    spheres /= np.linalg.norm(spheres, axis=-1, keepdims=True)  # points on unit spheres ...
+    spheres = spheres * rng.uniform(0.3, 1.5, size=(5, 1, 3)) + rng.normal(size=(5, 1, 3)) * 0.2  # ... stretched
+    clouds = normalize_point_clouds(spheres.astype(np.float32))
+    a, b = clouds[:3], clouds[3:]
+    grid = chamfer_distance_matrix(a, b, method="grid", progress=False)
+    kdtree = chamfer_distance_matrix(a, b, method="kdtree", progress=False)
+    torch.testing.assert_close(grid, kdtree, rtol=1e-12, atol=0)
+    within = chamfer_distance_matrix(clouds, method="grid", progress=False)
+    assert torch.equal(within, within.T) and torch.all(within.diagonal() == 0)
+    assert torch.all(within + torch.eye(5) > 0)
+    torch.testing.assert_close(within, chamfer_distance_matrix(clouds, method="kdtree", progress=False), rtol=1e-12,
+                               atol=0)
+    assert torch.equal(chamfer_distance_matrix(a, b, progress=False), grid)  # "auto" on the CPU
+    from nef_transformers.metrics import distances
+
+    monkeypatch.setattr(distances, "_NUMBA_CHECKED", [False])  # as if numba did not import: k-d trees
+    assert torch.equal(chamfer_distance_matrix(a, b, progress=False), kdtree)
+
+
+@pytest.mark.parametrize("method", ["grid", "kdtree", "dense"])
 def test_identical_clouds_are_exactly_zero_apart(clouds, method):
     a, _ = clouds
     shifted = a + 100.0  # large norms: the expansion's round-off must still snap to 0
     assert torch.all(chamfer_distance_matrix(shifted, shifted, method=method, progress=False).diagonal() == 0)
 
 
-def test_kdtree_duplicates_tie_exactly_across_matrices(clouds):
+@pytest.mark.parametrize("method", ["grid", "kdtree"])
+def test_duplicates_tie_exactly_across_matrices(clouds, method):
     refs, _ = clouds
     samples = np.concatenate([refs[2:3], refs[:2] + 0.01])  # sample 0 is a copy of reference 2
-    d_sr = chamfer_distance_matrix(samples, refs, method="kdtree", progress=False)
-    d_ss = chamfer_distance_matrix(samples, method="kdtree", progress=False)
-    d_rr = chamfer_distance_matrix(refs, method="kdtree", progress=False)
+    d_sr = chamfer_distance_matrix(samples, refs, method=method, progress=False)
+    d_ss = chamfer_distance_matrix(samples, method=method, progress=False)
+    d_rr = chamfer_distance_matrix(refs, method=method, progress=False)
     assert torch.equal(d_sr[0], d_rr[2]) and d_sr[0, 2] == 0  # S-R and R-R computed apart agree bit for bit
     assert torch.equal(d_ss[0, 1:], d_sr[1:, 2])
 
@@ -369,6 +434,8 @@ def test_evaluate_module_equals_plain_functions_and_its_doctests_pass(tmp_path):
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), chunk_elements=64), "method='dense' only"),
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="brute"), "method must be one of"),
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="kdtree", device="cuda"), "runs on the CPU"),
+        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="grid", device="cuda"), "runs on the CPU"),
+        (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), method="grid", chunk_elements=64), "'dense' only"),
         (lambda: chamfer_distance_matrix(np.zeros((2, 5, 3)), num_workers=0), "num_workers"),
         (lambda: normalize_point_clouds(np.concatenate([np.eye(5, 3)[None], np.ones((2, 5, 3))])),
          r"point clouds\[1\] has all its points at one location"),
