@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ae-epochs", type=int, default=30, help="learned strategy: autoencoder epochs")
     parser.add_argument("--ae-hidden-size", type=int, default=32, help="learned strategy: autoencoder width")
     parser.add_argument("--ae-layers", type=int, default=1, help="learned strategy: autoencoder layers (each side)")
-    parser.add_argument("--ae-latent-dim", type=int, default=16, help="learned strategy: latent width per neuron")
+    parser.add_argument("--ae-latent-dim", type=int, default=4, help="learned strategy: latent width per neuron")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)

@@ -76,7 +76,7 @@ class RunConfig:
     autoencoder_epochs: int = 30
     autoencoder_hidden_size: int = 32
     autoencoder_layers: int = 1
-    autoencoder_latent_dim: int = 16
+    autoencoder_latent_dim: int = 4
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30

@@ -38,7 +38,7 @@ def add_tokenize_command(subparsers) -> None:
                         help="vq: hidden-unit canonical form before chunking (default none: rely on the shared init)")
     parser.add_argument("--epochs", type=_positive_int, default=None,
                         help="vq: EMA epochs (default 1); learned: training epochs (default 30)")
-    parser.add_argument("--latent-dim", type=_positive_int, default=16, help="learned: latent width per neuron")
+    parser.add_argument("--latent-dim", type=_positive_int, default=4, help="learned: latent width per neuron")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_tokenize)
