@@ -54,8 +54,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--keep-best", action="store_true",
                         help="NefGPT: keep the weights of the lowest validation loss (--keep_best_model)")
     parser.add_argument("--ae-epochs", type=int, default=30, help="learned strategy: autoencoder epochs")
-    parser.add_argument("--ae-hidden-size", type=int, default=32, help="learned strategy: autoencoder width")
-    parser.add_argument("--ae-layers", type=int, default=1, help="learned strategy: autoencoder layers (each side)")
+    parser.add_argument("--ae-hidden-size", type=int, default=64,
+                        help="learned strategy: autoencoder width (64 x 2 layers: 1-NNA 70.4 %% against 85.8 %% for 32 x 1)")
+    parser.add_argument("--ae-layers", type=int, default=2, help="learned strategy: autoencoder layers (each side)")
     parser.add_argument("--ae-latent-dim", type=int, default=4, help="learned strategy: latent width per neuron")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
     parser.add_argument("--device", default=None)

@@ -52,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-train-steps", type=_positive_int, default=None, help="cap on NefGPT optimizer steps")
     parser.add_argument("--latent-dim", type=_positive_int, default=4,
                         help="learned strategy: latent width per neuron (default 4: narrow latents are easier to model)")
+    parser.add_argument("--ae-hidden-size", type=_positive_int, default=32,
+                        help="learned strategy: autoencoder width (64 with --ae-layers 2: a much better generator, "
+                             "~4x the autoencoder's time; benchmarks/RESULTS.md)")
+    parser.add_argument("--ae-layers", type=_positive_int, default=1, help="learned strategy: autoencoder layers")
     parser.add_argument("--hidden-size", type=_positive_int, default=128)
     parser.add_argument("--num-layers", type=_positive_int, default=4)
     parser.add_argument("--top-k", type=_positive_int, default=DEFAULT_TOP_K)
@@ -86,7 +90,8 @@ def run_quickstart(args) -> dict:
                        num_attention_heads=4 if args.hidden_size % 4 == 0 else 1,
                        num_train_epochs=args.epochs or 1, max_train_steps=args.max_train_steps, seed=args.seed,
                        autoencoder_epochs=min(AUTOENCODER_EPOCHS, args.epochs or AUTOENCODER_EPOCHS),
-                       autoencoder_latent_dim=args.latent_dim)
+                       autoencoder_latent_dim=args.latent_dim, autoencoder_hidden_size=args.ae_hidden_size,
+                       autoencoder_layers=args.ae_layers)
     run = Run(Path(args.out), config, device=device, fresh=args.fresh)
     if args.epochs is None:
         run.config.num_train_epochs = DEFAULT_EPOCHS.get(run.source.kind, 30)
