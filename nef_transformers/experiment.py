@@ -74,8 +74,8 @@ class RunConfig:
     num_mixtures: int = 8
     # learned strategy: the neuron autoencoder (`NefAutoencoderConfig`) trained before NefGPT models its latents
     autoencoder_epochs: int = 30
-    autoencoder_hidden_size: int = 32
-    autoencoder_layers: int = 1
+    autoencoder_hidden_size: int = 64
+    autoencoder_layers: int = 2
     autoencoder_latent_dim: int = 4
     batch_size: int = 32
     learning_rate: float = 1e-3

@@ -52,10 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-train-steps", type=_positive_int, default=None, help="cap on NefGPT optimizer steps")
     parser.add_argument("--latent-dim", type=_positive_int, default=4,
                         help="learned strategy: latent width per neuron (default 4: narrow latents are easier to model)")
-    parser.add_argument("--ae-hidden-size", type=_positive_int, default=32,
-                        help="learned strategy: autoencoder width (64 with --ae-layers 2: a much better generator, "
-                             "~4x the autoencoder's time; benchmarks/RESULTS.md)")
-    parser.add_argument("--ae-layers", type=_positive_int, default=1, help="learned strategy: autoencoder layers")
+    parser.add_argument("--ae-hidden-size", type=_positive_int, default=64,
+                        help="learned strategy: autoencoder width (default 64; 32 with --ae-layers 1 is ~1.5 min "
+                             "faster and scores worse: benchmarks/RESULTS.md)")
+    parser.add_argument("--ae-layers", type=_positive_int, default=2, help="learned strategy: autoencoder layers")
     parser.add_argument("--hidden-size", type=_positive_int, default=128)
     parser.add_argument("--num-layers", type=_positive_int, default=4)
     parser.add_argument("--top-k", type=_positive_int, default=DEFAULT_TOP_K)

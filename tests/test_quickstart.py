@@ -144,8 +144,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
 
     same = dict(source="mnist", num_items=40, fit_steps=5, strategy="learned", hidden_size=16, num_hidden_layers=1,
                 num_attention_heads=4, num_train_epochs=1, max_train_steps=3, autoencoder_epochs=1)
-    with pytest.raises(RunMismatchError, match="hidden_size: 32 there, 64 asked"):
-        Run(out, RunConfig(**same, autoencoder_hidden_size=64), device="cpu", progress=False).tokenize()
+    with pytest.raises(RunMismatchError, match="hidden_size: 64 there, 96 asked"):
+        Run(out, RunConfig(**same, autoencoder_hidden_size=96), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="hidden_size: 16 there, 32 asked"):
         Run(out, RunConfig(**{**same, "hidden_size": 32}), device="cpu", progress=False).train()
     # the autoencoder ceiling row: the oracle's training fields through the autoencoder, scored like the others
