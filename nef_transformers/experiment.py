@@ -399,8 +399,8 @@ class Run:
         wanted = self.config.stage_settings(strategy)["tokenization"]
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
-            saved = {"epochs": info.get("epochs"), **{k: info.get("settings", {}).get(k) for k in wanted if k != "epochs"}}
-            _check_cached(folder, {k: saved.get(k) for k in wanted}, wanted)
+            saved = {k: info.get("epochs") if k == "epochs" else info.get("settings", {}).get(k) for k in wanted}
+            _check_cached(folder, saved, wanted)
             return folder
         dataset = self.fit()
         tmp = folder.with_name("tokenization.tmp")
@@ -430,11 +430,10 @@ class Run:
         strategy = strategy or self.config.strategy
         tokenization = self.tokenize(strategy)
         model_dir = self.strategy_dir(strategy) / "model"
-        for config_file in (model_dir / "config.json", *sorted((model_dir / "checkpoints").glob("step_*/config.json"))):
-            if config_file.is_file():  # a finished model or a checkpoint to resume: made with the same sizes?
-                wanted = self.config.stage_settings(strategy)["model"]
-                saved = json.loads(config_file.read_text(encoding="utf-8"))
-                _check_cached(config_file.parent, {k: saved.get(k) for k in wanted}, wanted)
+        if (model_dir / "config.json").is_file():  # a model made before: with the same sizes?
+            wanted = self.config.stage_settings(strategy)["model"]
+            saved = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            _check_cached(model_dir, {k: saved.get(k) for k in wanted}, wanted)
         if (model_dir / "model.safetensors").is_file() and (model_dir / "trainer_state.json").is_file():
             state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
             if state.get("finished"):
@@ -522,21 +521,27 @@ class Run:
             counts = np.bincount(probabilities.argmax(1), minlength=probabilities.shape[1])
             shares = counts / counts.sum()
             entropy = -(shares[shares > 0] * np.log(shares[shares > 0])).sum()
-            row["class_spread"] = abs(float(entropy / math.log(len(shares))))  # abs: no "-0.00"  # 1: every class equally often
+            row["class_spread"] = abs(float(entropy / math.log(len(shares))))  # 1: every class equally often (abs: no -0.0)
             row["class_counts"] = counts.tolist()
         return row
+
+    def _oracle_weights(self, seed: int = 0) -> torch.Tensor:
+        """As many training fields as test items (a seeded choice): the oracle generator's samples."""
+        from .data.metadata import weights_tensor
+
+        train_weights = weights_tensor(self.fit())
+        rows = torch.randperm(len(train_weights), generator=torch.Generator().manual_seed(seed))[:len(self.split()[1])]
+        return train_weights[rows]
 
     def autoencoder_row(self, seed: int = 0) -> dict:
         """``autoencoder-train``: the oracle's training fields passed through the learned strategy's autoencoder
         (encode -> decode). The ceiling of any prior over its latents: a perfect NefGPT would score this."""
-        from .data.metadata import weights_tensor
         from .tokenization.learned import NefAutoencoder
 
         autoencoder = NefAutoencoder.from_pretrained(self.tokenize("learned") / "tokenizer").to(self.device)
-        train_weights = weights_tensor(self.fit())
-        rows = torch.randperm(len(train_weights), generator=torch.Generator().manual_seed(seed))[:len(self.split()[1])]
+        oracle = self._oracle_weights(seed)
         with torch.no_grad():
-            decoded = torch.cat([autoencoder(part.to(self.device))[0].cpu() for part in train_weights[rows].split(256)])
+            decoded = torch.cat([autoencoder(part.to(self.device))[0].cpu() for part in oracle.split(256)])
         return self.evaluate_weights(decoded, "autoencoder-train")
 
     def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
@@ -546,10 +551,8 @@ class Run:
 
         train_weights = weights_tensor(self.fit())
         count = len(self.split()[1])
-        generator = torch.Generator().manual_seed(seed)
-        rows = torch.randperm(len(train_weights), generator=generator)[:count]
         return [
-            self.evaluate_weights(train_weights[rows], "oracle-train"),
+            self.evaluate_weights(self._oracle_weights(seed), "oracle-train"),
             self.evaluate_weights(noisy_weights(train_weights, count, noise_scale, seed), "noisy-train",
                                   {"noise_scale": noise_scale}),
             self.evaluate_weights(gaussian_weights(train_weights, count, seed), "gaussian"),
