@@ -183,6 +183,79 @@ def test_grid_equals_kdtree_on_surfaces_and_auto_picks_it(monkeypatch):
     assert torch.equal(chamfer_distance_matrix(a, b, progress=False), kdtree)
 
 
+def _shape_clouds(count: int, num_points: int, seed: int) -> np.ndarray:
+    """Normalised points on stretched, shifted spheres: distances spread like real shapes'."""
+    rng = np.random.default_rng(seed)
+    spheres = rng.normal(size=(count, num_points, 3))
+    spheres /= np.linalg.norm(spheres, axis=-1, keepdims=True)
+    spheres = spheres * rng.uniform(0.3, 1.5, size=(count, 1, 3)) + rng.normal(size=(count, 1, 3)) * 0.2
+    return normalize_point_clouds(spheres.astype(np.float32)).numpy()
+
+
+def test_grid_pass_bounds_are_lower_bounds_and_end_exact():
+    from nef_transformers.metrics import distances
+
+    clouds = np.ascontiguousarray(_shape_clouds(6, 1024, seed=8).astype(np.float64))
+    grids = distances._grids(clouds)
+    first, second = distances._all_pairs(len(clouds), None)
+    exact = brute_matrix(clouds, clouds, brute_chamfer)[first, second]
+    run = lambda limits, stop: distances._grid_run(grids, grids, first, second, limits, stop,  # noqa: E731
+                                                   num_workers=1, bar={"disable": True})
+    for stop in range(1, distances.GRID_PASSES):  # after every pass: a lower bound that is not trivial
+        bound, done = run(np.full(len(first), np.inf), stop)
+        assert np.all(done == stop) and np.all(bound <= exact)
+        if stop == 1:  # its exact terms alone are ~1/16 of the sum: the Lipschitz bounds of the others add to it
+            assert np.mean(bound / exact) > 2.0 / distances.GRID_PASSES
+    full, done = run(np.full(len(first), np.inf), distances.GRID_PASSES)
+    assert np.all(done == distances.GRID_PASSES)
+    np.testing.assert_allclose(full, exact, rtol=1e-12, atol=0)
+    limits = np.median(exact) * np.ones(len(first))  # a pair stops once its bound passes the limit
+    bound, done = run(limits, distances.GRID_PASSES)
+    stopped = done < distances.GRID_PASSES
+    assert stopped.any() and np.all(exact[stopped] > limits[stopped]) and np.all(bound[stopped] > limits[stopped])
+    assert np.array_equal(bound[~stopped], full[~stopped])  # the same sums whatever the limits
+
+
+def test_nearest_matrices_give_exactly_the_full_metrics():
+    from nef_transformers.metrics import chamfer_nearest_matrices
+
+    refs = _shape_clouds(14, 256, seed=1)
+    samples = _shape_clouds(14, 256, seed=2)
+    samples[3] = refs[5]  # a copy: a zero distance
+    samples[7] = samples[6]  # two identical samples: ties in every row
+    refs[9] = refs[8]  # two identical references: COV's argmin ties
+    full = (chamfer_distance_matrix(samples, refs, progress=False), chamfer_distance_matrix(samples, progress=False),
+            chamfer_distance_matrix(refs, progress=False))
+    nearest = chamfer_nearest_matrices(samples, refs, progress=False)
+    assert any(bool(torch.isinf(m).any()) for m in nearest)  # pairs were dropped ...
+    for kept, whole in zip(nearest, full):
+        finite = torch.isfinite(kept)
+        assert torch.equal(kept[finite], whole[finite])  # ... and every kept one is the full matrix's, bit for bit
+    assert mmd_cov_1nna(*nearest, allow_inf=True) == mmd_cov_1nna(*full)
+    union_full = torch.cat([torch.cat([full[2], full[0].T], 1), torch.cat([full[0], full[1]], 1)])
+    union = torch.cat([torch.cat([nearest[2], nearest[0].T], 1), torch.cat([nearest[0], nearest[1]], 1)])
+    off = ~torch.eye(len(union), dtype=torch.bool)
+    for row in range(len(union)):  # every item's nearest others, ties included, are there
+        tied = off[row] & (union_full[row] == union_full[row][off[row]].min())
+        assert torch.equal(union[row][tied], union_full[row][tied])
+    # rows' minima only: rectangular and within one set
+    for a, b in ((samples, refs), (refs, None)):
+        whole = chamfer_distance_matrix(a, b, progress=False)
+        rows = chamfer_distance_matrix(a, b, progress=False, nearest_only=True)
+        if b is None:
+            whole, rows = whole + torch.diag(torch.full((len(a),), np.inf)), rows + torch.diag(torch.full((len(a),), np.inf))
+        assert torch.equal(rows.min(1).values, whole.min(1).values) and torch.isinf(rows).any()
+        tied = whole == whole.min(1, keepdim=True).values
+        assert torch.equal(rows[tied], whole[tied])
+    # generation_metrics uses these: the same numbers as from the full matrices
+    train = _shape_clouds(10, 256, seed=3)
+    metrics = generation_metrics(samples, refs, modality="points", train_items=train, normalize=False)
+    expected = mmd_cov_1nna(*full)
+    expected["memorisation_ratio"] = memorisation_ratio(chamfer_distance_matrix(samples, train, progress=False),
+                                                        chamfer_distance_matrix(refs, train, progress=False))
+    assert metrics == expected
+
+
 @pytest.mark.parametrize("method", ["grid", "kdtree", "dense"])
 def test_identical_clouds_are_exactly_zero_apart(clouds, method):
     a, _ = clouds
@@ -451,6 +524,11 @@ def test_evaluate_module_equals_plain_functions_and_its_doctests_pass(tmp_path):
         (lambda: mmd_cov_1nna(np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((1, 1))), r"dist_rr must be \(2, 2\)"),
         (lambda: mmd_cov_1nna(np.array([[0, np.nan], [1, 0]]), np.zeros((2, 2)), np.zeros((2, 2))), r"dist_sr\[0, 1\]"),
         (lambda: mmd_cov_1nna(np.array([[0, -1.0], [1, 0]]), np.zeros((2, 2)), np.zeros((2, 2))), "negative"),
+        (lambda: mmd_cov_1nna(np.array([[0, np.inf], [1, 0]]), np.zeros((2, 2)), np.zeros((2, 2))), "finite"),
+        (lambda: mmd_cov_1nna(np.array([[0, np.nan], [1, 0]]), np.zeros((2, 2)), np.zeros((2, 2)), allow_inf=True),
+         r"dist_sr\[0, 1\] is nan"),
+        (lambda: mmd_cov_1nna(np.array([[np.inf, np.inf], [1, 0]]), np.zeros((2, 2)), np.zeros((2, 2)), allow_inf=True),
+         "no finite distance"),
         (lambda: mmd_cov_1nna(np.zeros((0, 0)), np.zeros((0, 0)), np.zeros((0, 0))), "empty"),
         (lambda: memorisation_ratio(np.ones((2, 3)), np.zeros((2, 3))), "overlaps the training set"),
         (lambda: memorisation_ratio(np.ones((2, 3)), np.ones((2, 4))), "same training items"),

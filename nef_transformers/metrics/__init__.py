@@ -11,6 +11,7 @@ from .distances import (
     as_images,
     as_point_clouds,
     chamfer_distance_matrix,
+    chamfer_nearest_matrices,
     image_distance_matrix,
     normalize_point_clouds,
 )
@@ -29,7 +30,7 @@ NEF_GENERATION_METRIC = Path(__file__).resolve().parent / "nef_generation"
 
 __all__ = [
     "NEF_GENERATION_METRIC", "FeatureNetTraining", "ImageFeatureNet", "PointNetFeatureNet", "as_images",
-    "as_point_clouds", "chamfer_distance_matrix", "frechet_distance", "generation_metrics", "image_distance_matrix",
+    "as_point_clouds", "chamfer_distance_matrix", "chamfer_nearest_matrices", "frechet_distance", "generation_metrics", "image_distance_matrix",
     "load_feature_net", "memorisation_ratio", "mmd_cov_1nna", "normalize_point_clouds", "one_nn_accuracy",
     "pairwise_distances", "train_feature_net",
 ]

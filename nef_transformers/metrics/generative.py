@@ -45,7 +45,8 @@ MODALITIES = ("image", "points")
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _as_matrix(values, name: str) -> np.ndarray:
+def _as_matrix(values, name: str, allow_inf: bool = False) -> np.ndarray:
+    """A float64 matrix of distances >= 0; ``allow_inf``: ``+inf`` marks a pair known not to be a minimum."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().numpy()
     matrix = np.asarray(values, dtype=np.float64)
@@ -53,11 +54,11 @@ def _as_matrix(values, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a 2-D distance matrix, got shape {matrix.shape}")
     if matrix.size == 0:
         raise ValueError(f"{name} is empty (shape {matrix.shape}): the sets must not be empty")
-    bad = ~np.isfinite(matrix)
+    bad = ~(np.isfinite(matrix) | (allow_inf & (matrix == np.inf)))
     if bad.any():
         row, col = (int(v) for v in np.argwhere(bad)[0])
         raise ValueError(f"{name}[{row}, {col}] is {matrix[row, col]} ({int(bad.sum())} non-finite entries); "
-                         f"distances must be finite")
+                         f"distances must be finite" + (" or +inf" if allow_inf else ""))
     if (matrix < 0).any():
         row, col = (int(v) for v in np.argwhere(matrix < 0)[0])
         raise ValueError(f"{name}[{row}, {col}] = {matrix[row, col]:.4g} is negative; distances must be >= 0")
@@ -101,7 +102,7 @@ def one_nn_accuracy(distances: np.ndarray, labels: np.ndarray, chunk_rows: int =
     return scores
 
 
-def mmd_cov_1nna(dist_sr, dist_ss, dist_rr, *, allow_unequal: bool = False) -> dict[str, float]:
+def mmd_cov_1nna(dist_sr, dist_ss, dist_rr, *, allow_unequal: bool = False, allow_inf: bool = False) -> dict[str, float]:
     """MMD, COV and 1-NNA from the three distance matrices of a sample set ``S`` and a reference set ``R``.
 
     Args:
@@ -109,6 +110,8 @@ def mmd_cov_1nna(dist_sr, dist_ss, dist_rr, *, allow_unequal: bool = False) -> d
         dist_ss: ``(s, s)`` distances within the samples.
         dist_rr: ``(r, r)`` distances within the references.
         allow_unequal: accept ``s != r`` (off-protocol; 1-NNA's ideal is then not 0.5).
+        allow_inf: accept ``+inf`` for pairs proven to be nobody's nearest (`chamfer_nearest_matrices`); the
+            minima the metrics read must still be finite.
 
     Returns:
         ``{"mmd", "cov", "one_nna", "one_nna_samples", "one_nna_references"}`` as floats, COV and the 1-NNA
@@ -121,9 +124,9 @@ def mmd_cov_1nna(dist_sr, dist_ss, dist_rr, *, allow_unequal: bool = False) -> d
         >>> mmd_cov_1nna(d, d, d)["one_nna"]  # samples identical to the references: copies
         0.0
     """
-    dist_sr = _as_matrix(dist_sr, "dist_sr")
-    dist_ss = _as_matrix(dist_ss, "dist_ss")
-    dist_rr = _as_matrix(dist_rr, "dist_rr")
+    dist_sr = _as_matrix(dist_sr, "dist_sr", allow_inf)
+    dist_ss = _as_matrix(dist_ss, "dist_ss", allow_inf)
+    dist_rr = _as_matrix(dist_rr, "dist_rr", allow_inf)
     num_samples, num_references = dist_sr.shape
     if dist_ss.shape != (num_samples, num_samples):
         raise ValueError(f"dist_ss must be ({num_samples}, {num_samples}) for the {num_samples} samples of dist_sr "
@@ -136,6 +139,10 @@ def mmd_cov_1nna(dist_sr, dist_ss, dist_rr, *, allow_unequal: bool = False) -> d
                          f"{num_references} references; sample |R| = {num_references} items, or pass "
                          f"allow_unequal=True (then 1-NNA's ideal is no longer 0.5)")
 
+    if allow_inf:
+        for name, nearest in (("dist_sr", dist_sr.min(axis=0)), ("dist_sr", dist_sr.min(axis=1))):
+            if not np.isfinite(nearest).all():
+                raise ValueError(f"{name} has a row or column with no finite distance: its minimum is unknown")
     mmd = float(dist_sr.min(axis=0).mean())  # mean over references of the nearest sample
     cov = float(np.unique(dist_sr.argmin(axis=1)).size / num_references)  # argmin: first index on ties
 
@@ -152,19 +159,21 @@ def mmd_cov_1nna(dist_sr, dist_ss, dist_rr, *, allow_unequal: bool = False) -> d
     }
 
 
-def memorisation_ratio(samples_to_train, heldout_to_train) -> float:
+def memorisation_ratio(samples_to_train, heldout_to_train, *, allow_inf: bool = False) -> float:
     """Median nearest-training distance of the samples divided by that of held-out real items.
 
     Args:
         samples_to_train: ``(s, t)`` distances from each sample to each training item.
         heldout_to_train: ``(h, t)`` distances from each held-out real item to the same training items.
+        allow_inf: accept ``+inf`` for pairs proven not to be a row's minimum (``chamfer_distance_matrix(...,
+            nearest_only=True)``).
 
     Returns:
         The ratio: about 1 when samples are as far from the training set as new real data is; well below 1
         when samples copy training items (ISSUE 5's target: >= 0.9).
     """
-    samples_to_train = _as_matrix(samples_to_train, "samples_to_train")
-    heldout_to_train = _as_matrix(heldout_to_train, "heldout_to_train")
+    samples_to_train = _as_matrix(samples_to_train, "samples_to_train", allow_inf)
+    heldout_to_train = _as_matrix(heldout_to_train, "heldout_to_train", allow_inf)
     if samples_to_train.shape[1] != heldout_to_train.shape[1]:
         raise ValueError(f"both matrices need the same training items as columns, got {samples_to_train.shape[1]} "
                          f"(samples_to_train) and {heldout_to_train.shape[1]} (heldout_to_train)")
@@ -273,7 +282,16 @@ def generation_metrics(
                          f"{len(refs)} references; pass allow_unequal=True to compare anyway")
 
     distance = lambda a, b=None: pairwise_distances(a, b, modality=modality, device=device, progress=progress)  # noqa: E731
-    results = mmd_cov_1nna(distance(samples, refs), distance(samples), distance(refs), allow_unequal=allow_unequal)
+    if modality == "points":  # only the minima the metrics read (exact; the rest may be inf)
+        from .distances import chamfer_distance_matrix, chamfer_nearest_matrices
+
+        results = mmd_cov_1nna(*chamfer_nearest_matrices(samples, refs, device=device, progress=progress),
+                               allow_unequal=allow_unequal, allow_inf=True)
+        distance = lambda a, b: chamfer_distance_matrix(a, b, device=device, progress=progress,  # noqa: E731
+                                                        nearest_only=True)
+    else:
+        results = mmd_cov_1nna(distance(samples, refs), distance(samples), distance(refs),
+                               allow_unequal=allow_unequal)
     if feature_net is not None:
         from .features import load_feature_net
 
@@ -283,7 +301,8 @@ def generation_metrics(
         results["fd"] = frechet_distance(net.features(raw_samples, device=device),
                                          net.features(raw_refs, device=device))
     if train is not None:
-        results["memorisation_ratio"] = memorisation_ratio(distance(samples, train), distance(refs, train))
+        results["memorisation_ratio"] = memorisation_ratio(distance(samples, train), distance(refs, train),
+                                                           allow_inf=modality == "points")
     return results
 
 
