@@ -112,9 +112,9 @@ def main() -> None:
     common = dict(device=args.device, dtype=getattr(torch, args.dtype), num_workers=args.threads)
     method = args.method  # the new method, as chamfer_distance_matrix resolves "auto"
     if method == "auto":
-        from nef_transformers.metrics.distances import _numba_available
+        from nef_transformers.metrics.distances import _chamfer_settings
 
-        method = ("grid" if _numba_available() else "kdtree") if torch.device(args.device).type == "cpu" else "dense"
+        method = _chamfer_settings(method, args.device, torch.float32, 1)[0]
     old_method = args.old_method or ("kdtree" if method == "grid" else "dense")
     new, old_options = ({"method": name, "chunk_elements": args.chunk_elements if name == "dense" else None}
                          for name in (method, old_method))

@@ -755,6 +755,24 @@ def _grid_minima(grids_a, grids_b, first: np.ndarray, second: np.ndarray, groups
     return values
 
 
+def _chamfer_settings(method: str, device, dtype: torch.dtype, num_workers) -> tuple[str, torch.device, int]:
+    """Checked ``(method with "auto" resolved, device, num_workers)`` of the Chamfer functions."""
+    device = _resolve_device(device)
+    if method not in CHAMFER_METHODS:
+        raise ValueError(f"method must be one of {CHAMFER_METHODS}, got {method!r}")
+    if method == "auto":
+        method = ("grid" if _numba_available() else "kdtree") if device.type == "cpu" else "dense"
+    if method in ("grid", "kdtree") and device.type != "cpu":
+        raise ValueError(f"method={method!r} runs on the CPU, got device={str(device)!r}; pass device='cpu' or "
+                         f"method='dense'")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    num_workers = (torch.get_num_threads() if device.type == "cpu" else 1) if num_workers is None else num_workers
+    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+    return method, device, num_workers
+
+
 def _as_float64(clouds: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(clouds.double().numpy())
 
@@ -808,19 +826,10 @@ def chamfer_nearest_matrices(
         ``(dist_sr (s, r), dist_ss (s, s), dist_rr (r, r))`` float64 tensors, ``inf`` where a pair was dropped.
     """
     common = dict(method=method, device=device, dtype=dtype, num_workers=num_workers, progress=progress)
-    device = _resolve_device(device)
-    resolved = method if method != "auto" else \
-        (("grid" if _numba_available() else "kdtree") if device.type == "cpu" else "dense")
+    resolved, _, num_workers = _chamfer_settings(method, device, dtype, num_workers)
     if resolved != "grid":
         return (chamfer_distance_matrix(samples, references, **common), chamfer_distance_matrix(samples, **common),
                 chamfer_distance_matrix(references, **common))
-    if device.type != "cpu":
-        raise ValueError(f"method='grid' runs on the CPU, got device={str(device)!r}")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    num_workers = torch.get_num_threads() if num_workers is None else num_workers
-    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
     s = _as_float64(as_point_clouds(samples, "samples").to(dtype))
     r = _as_float64(as_point_clouds(references, "references").to(dtype))
     if s.shape[1] != r.shape[1]:  # one grid set for R ∪ S needs one cloud size
@@ -886,24 +895,12 @@ def chamfer_distance_matrix(
         ``(a, b)`` float64 tensor: ``CD[i, j] = mean_n min_m |a_i,n - b_j,m|² + mean_m min_n |a_i,n - b_j,m|²``.
         Clouds are used as given: normalise them first (`normalize_point_clouds`) for HyperDiffusion's protocol.
     """
-    device = _resolve_device(device)
-    if method not in CHAMFER_METHODS:
-        raise ValueError(f"method must be one of {CHAMFER_METHODS}, got {method!r}")
-    if method == "auto":
-        method = ("grid" if _numba_available() else "kdtree") if device.type == "cpu" else "dense"
-    if method in ("grid", "kdtree") and device.type != "cpu":
-        raise ValueError(f"method={method!r} runs on the CPU, got device={str(device)!r}; pass device='cpu' or "
-                         f"method='dense'")
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    method, device, num_workers = _chamfer_settings(method, device, dtype, num_workers)
     if method != "dense" and chunk_elements is not None:
         raise ValueError(f"chunk_elements applies to method='dense' only, got chunk_elements={chunk_elements!r} "
                          f"with method={method!r}")
     chunk_elements = _default_chunk_elements(device) if chunk_elements is None else chunk_elements
     _check_chunk_elements(chunk_elements)
-    num_workers = (torch.get_num_threads() if device.type == "cpu" else 1) if num_workers is None else num_workers
-    if isinstance(num_workers, bool) or not isinstance(num_workers, (int, np.integer)) or num_workers < 1:
-        raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
     a = as_point_clouds(clouds_a, "clouds_a").to(dtype)
     b = None if clouds_b is None else as_point_clouds(clouds_b, "clouds_b").to(dtype)
     disable = None if progress is None else not progress
