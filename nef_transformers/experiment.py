@@ -397,9 +397,12 @@ class Run:
         strategy = strategy or self.config.strategy
         folder = self.strategy_dir(strategy) / "tokenization"
         wanted = self.config.stage_settings(strategy)["tokenization"]
+        if strategy == "learned":
+            wanted["function_loss"] = self._function_loss()
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
-            saved = {k: info.get("epochs") if k == "epochs" else info.get("settings", {}).get(k) for k in wanted}
+            settings = {"function_loss": "mse", **info.get("settings", {})}  # older folders: the MSE was the only loss
+            saved = {k: info.get("epochs") if k == "epochs" else settings.get(k) for k in wanted}
             _check_cached(folder, saved, wanted)
             return folder
         dataset = self.fit()
@@ -413,13 +416,18 @@ class Run:
             c = self.config
             autoencoder_config = NefAutoencoderConfig(
                 spec=get_spec(dataset).to_dict(), latent_dim=c.autoencoder_latent_dim,
-                hidden_size=c.autoencoder_hidden_size, num_layers=c.autoencoder_layers)
+                hidden_size=c.autoencoder_hidden_size, num_layers=c.autoencoder_layers,
+                function_loss=self._function_loss())
         train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_config=autoencoder_config,
                         autoencoder_epochs=self.config.autoencoder_epochs, progress=self.progress,
                         device=self.device)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return folder
+
+    def _function_loss(self) -> str:
+        """The learned strategy's autoencoder loss: occupancy KL for shapes, MSE for images."""
+        return "kl" if self.source.kind == "occupancy" else "mse"
 
     def train(self, strategy: str | None = None, extra_args: Sequence[str] = ()) -> Path:
         """Train NefGPT on the tokenised fields (OUT/{strategy}/model), resuming from its last checkpoint."""

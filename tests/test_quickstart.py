@@ -153,6 +153,16 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     row = run.autoencoder_row()
     assert row["strategy"] == "autoencoder-train" and row["num_samples"] == 8 and row["mmd"] is not None
     assert row["mmd"] != oracle["mmd"]  # decoded fields differ from the training fields themselves
+    # the autoencoder's loss is part of its settings; folders written before it was recorded meant the MSE
+    info_file = out / "learned" / "tokenization" / "tokenize.json"
+    info = json.loads(info_file.read_text())
+    assert info["settings"].pop("function_loss") == "mse"  # MNIST: pixel values, not occupancy logits
+    info_file.write_text(json.dumps(info))
+    assert run.tokenize() == out / "learned" / "tokenization"
+    info["settings"]["function_loss"] = "kl"
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(RunMismatchError, match="function_loss: 'kl' there, 'mse' asked"):
+        run.tokenize()
 
 
 @pytest.mark.timeout(600)

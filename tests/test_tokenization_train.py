@@ -107,3 +107,81 @@ def test_load_tokenization_refuses_a_model_folder(tmp_path):
     NefGPTConfig(vocab_size=16, max_position_embeddings=8, hidden_size=16, num_attention_heads=2).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds a 'nef_gpt' model, not a tokenizer"):
         load_tokenization(tmp_path)
+
+
+SHAPE_SPEC = SirenSpec(in_dim=3, out_dim=1, hidden_dim=8, num_layers=3)
+
+
+def test_occupancy_kl_is_the_binary_kl_divergence():
+    from nef_transformers.tokenization.learned import occupancy_kl
+
+    generator = torch.Generator().manual_seed(0)
+    target, logits = torch.randn(2, 50, 1, generator=generator) * 4, torch.randn(2, 50, 1, generator=generator) * 4
+    p, q = torch.sigmoid(target.double()), torch.sigmoid(logits.double())
+    brute = (p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))).mean()
+    assert torch.allclose(occupancy_kl(logits, target).double(), brute, rtol=1e-4)
+    assert float(occupancy_kl(target, target)) == pytest.approx(0.0, abs=1e-6)
+    # far from the surface, a logit's size hardly matters (-20 against -10), its sign does
+    assert float(occupancy_kl(torch.full((1,), -20.0), torch.full((1,), -10.0))) < 1e-3  # its logit MSE: 100
+    assert float(occupancy_kl(torch.full((1,), 1.0), torch.full((1,), -1.0))) > 0.4
+
+
+def test_surface_points_lie_nearer_the_decision_boundary():
+    from nef_transformers.fields.siren import siren_forward
+    from nef_transformers.tokenization.learned import _PointSampler
+
+    spec = SirenSpec(in_dim=3, out_dim=1, hidden_dim=8, num_layers=3, omega_0=5.0)  # smooth at the pool's spacing
+    generator = torch.Generator().manual_seed(0)
+    weights = siren_init(spec, 1, generator=generator)[0] + 0.1 * torch.randn(4, spec.num_params, generator=generator)
+    pool = torch.rand(4096, 3, generator=generator) - 0.5
+    draw = _PointSampler(spec, weights, pool, 512, 0.5, torch.Generator().manual_seed(1), progress=False)
+    points = draw(torch.tensor([2, 0]))
+    assert points.shape == (2, 512, 3)
+    assert torch.equal(points[0, :256], points[1, :256])  # the uniform half is shared by the batch
+    outputs = siren_forward(spec, weights[[2, 0]], points).abs()[..., 0]
+    assert torch.all(outputs[:, 256:].median(1).values < 0.5 * outputs[:, :256].median(1).values)
+    # seeded: the same generator state gives the same points
+    again = _PointSampler(spec, weights, pool, 512, 0.5, torch.Generator().manual_seed(1), progress=False)
+    assert torch.equal(again(torch.tensor([2, 0])), points)
+
+
+def test_autoencoder_with_the_occupancy_loss_learns_and_saves_it(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    init = siren_init(SHAPE_SPEC, 1, generator=generator)[0]
+    weights = init + 0.05 * torch.randn(32, SHAPE_SPEC.num_params, generator=generator)
+    config = NefAutoencoderConfig(spec=SHAPE_SPEC.to_dict(), latent_dim=4, hidden_size=16, num_heads=2,
+                                  function_loss="kl")
+    pool = torch.rand(2048, 3, generator=generator) - 0.5
+    model, info = train_autoencoder(weights, SHAPE_SPEC, init, pool, config, epochs=6, batch_size=16, lr=3e-3,
+                                    progress=False, points_per_step=256, surface_fraction=0.5)
+    assert info["loss_curve"][-1] < info["loss_curve"][0] and info["function_kl"] >= 0
+    model.save_pretrained(tmp_path)
+    assert NefAutoencoder.from_pretrained(tmp_path).config.function_loss == "kl"
+
+
+def test_autoencoder_refuses_bad_loss_and_point_settings(weight_dataset):
+    _, init, weights = weight_dataset
+    with pytest.raises(ValueError, match="function_loss must be one of"):
+        NefAutoencoderConfig(spec=SPEC.to_dict(), function_loss="l1")
+    coords = field_coords(SOURCE, SPEC)
+    for settings, message in (({"points_per_step": 37}, r"points_per_step must be in \[1, 36\]"),
+                              ({"surface_fraction": 0.5}, "needs points_per_step"),
+                              ({"points_per_step": 8, "surface_fraction": 1.5}, r"surface_fraction must be in \[0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            train_autoencoder(weights, SPEC, init, coords, epochs=1, progress=False, **settings)
+
+
+def test_learned_strategy_picks_the_loss_by_source_kind(weight_dataset):
+    from nef_transformers.tokenization.train import SHAPE_AUTOENCODER_POINTS, SHAPE_AUTOENCODER_SURFACE
+
+    generator = torch.Generator().manual_seed(0)
+    init = siren_init(SHAPE_SPEC, 1, generator=generator)[0]
+    weights = init + 0.05 * torch.randn(8, SHAPE_SPEC.num_params, generator=generator)
+    shapes = make_weight_dataset(weights, np.zeros(8, dtype=int), SHAPE_SPEC, init,
+                                 {"kind": "occupancy", "name": "synthetic shapes", "class_names": ["blob"]})
+    occupancy = train_tokenizer(shapes, "learned", autoencoder_epochs=1, progress=False).info
+    assert occupancy["settings"]["function_loss"] == "kl" and "function_kl" in occupancy
+    assert occupancy["points_per_step"] == SHAPE_AUTOENCODER_POINTS
+    assert occupancy["surface_fraction"] == SHAPE_AUTOENCODER_SURFACE
+    images = train_tokenizer(weight_dataset[0], "learned", autoencoder_epochs=1, progress=False).info
+    assert images["settings"]["function_loss"] == "mse" and "points_per_step" not in images

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+FUNCTION_LOSSES = ("mse", "kl")
 
 
 @dataclass
@@ -50,8 +51,12 @@ class NefAutoencoderConfig:
             epochs each, benchmarks/RESULTS.md); 15 epochs on 4,000 fields take ~3 min on 2 CPU cores against
             ~1.7 min.
         num_heads (`int`, *optional*, defaults to 4): attention heads.
-        function_loss_weight (`float`, *optional*, defaults to 1.0): weight of the output MSE.
+        function_loss_weight (`float`, *optional*, defaults to 1.0): weight of the function-space term.
         weight_loss_weight (`float`, *optional*, defaults to 0.1): weight of the normalised-chunk MSE.
+        function_loss (`str`, *optional*, defaults to `"mse"`): the function-space term. `"mse"`: mean squared
+            difference of the outputs (images: pixel values). `"kl"`: for occupancy fields, whose outputs are
+            logits: the binary KL divergence from the original field's occupancy probability to the decoded
+            one's, which cares where the surface is, not how large a logit far from it is.
     """
 
     spec: dict
@@ -61,8 +66,12 @@ class NefAutoencoderConfig:
     num_heads: int = 4
     function_loss_weight: float = 1.0
     weight_loss_weight: float = 0.1
+    function_loss: str = "mse"
 
     def __post_init__(self):
+        if self.function_loss not in FUNCTION_LOSSES:
+            raise ValueError(f"NefAutoencoderConfig.function_loss must be one of {FUNCTION_LOSSES}, "
+                             f"got {self.function_loss!r}")
         for name in ("latent_dim", "hidden_size", "num_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"NefAutoencoderConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -72,6 +81,15 @@ class NefAutoencoderConfig:
         if self.function_loss_weight < 0 or self.weight_loss_weight < 0 or \
                 self.function_loss_weight + self.weight_loss_weight == 0:
             raise ValueError("NefAutoencoderConfig loss weights must be >= 0 and not both 0")
+
+
+def occupancy_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Mean binary KL divergence ``KL(p || q)`` from ``p = sigmoid(target_logits)`` to ``q = sigmoid(logits)``:
+    cross-entropy minus the target's entropy, so 0 exactly when the occupancy probabilities agree."""
+    p = torch.sigmoid(target_logits)
+    cross = nn.functional.binary_cross_entropy_with_logits(logits, p, reduction="none")
+    entropy = nn.functional.binary_cross_entropy_with_logits(target_logits, p, reduction="none")
+    return (cross - entropy).mean()
 
 
 def _stack(config: NefAutoencoderConfig) -> nn.TransformerEncoder:
@@ -144,7 +162,8 @@ class NefAutoencoder(nn.Module):
         return self.decode(latents), latents
 
     def loss(self, weights: torch.Tensor, coords: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Function-space MSE of the fields' outputs on ``coords`` ``(n, in_dim)`` plus weight-space MSE."""
+        """The function-space term (``config.function_loss``) of the fields' outputs on ``coords`` (``(n, in_dim)``
+        shared, or ``(b, n, in_dim)`` per field) plus the weight-space MSE."""
         latents = self.encode(weights)
         chunks = self.decode_chunks(latents)
         target_chunks = self.chunks(weights)
@@ -152,9 +171,17 @@ class NefAutoencoder(nn.Module):
         decoded = self.chunker.from_chunks(chunks * self.scale)
         with torch.no_grad():
             target = siren_forward(self.spec, weights.float(), coords)
-        function_mse = ((siren_forward(self.spec, decoded, coords) - target) ** 2).mean()
-        total = self.config.function_loss_weight * function_mse + self.config.weight_loss_weight * weight_mse
-        return total, {"function_mse": float(function_mse.detach()), "weight_mse": float(weight_mse.detach())}
+        output = siren_forward(self.spec, decoded, coords)
+        function_mse = ((output - target) ** 2).mean()
+        parts = {"function_mse": float(function_mse.detach())}
+        if self.config.function_loss == "kl":
+            function_term = occupancy_kl(output, target)
+            parts["function_kl"] = float(function_term.detach())
+        else:
+            function_term = function_mse
+        total = self.config.function_loss_weight * function_term + self.config.weight_loss_weight * weight_mse
+        parts["weight_mse"] = float(weight_mse.detach())
+        return total, parts
 
     # ------------------------------------------------------------------------------------------ files
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -198,12 +225,23 @@ def train_autoencoder(
     seed: int = 0,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    points_per_step: int | None = None,
+    surface_fraction: float = 0.0,
 ) -> tuple[NefAutoencoder, dict]:
     """Train a `NefAutoencoder` on ``weights (b, p)`` with the loss measured on ``coords (n, in_dim)``, on
     ``device`` (the batches move there; the returned model is back on the CPU).
 
+    Args:
+        points_per_step: None: every step compares the outputs on all of ``coords``. A number: ``coords`` is a
+            pool, and each step draws that many points from it afresh (a fixed set lets the decoder fit those
+            points and nothing between them).
+        surface_fraction: the share of each step's points drawn, per field, near that field's surface: among
+            the pool's points, the eighth where the original field's output is closest to 0 (its decision
+            boundary), jittered by half a pool spacing. For occupancy fields, whose shape is only that boundary;
+            needs ``points_per_step``.
+
     Returns the model (eval mode) and ``{"loss_curve": mean loss per epoch, "function_mse", "weight_mse"}``
-    of the last epoch.
+    (plus ``"function_kl"`` with ``config.function_loss="kl"``) of the last epoch.
     """
     from .train import chunk_scale
 
@@ -217,34 +255,79 @@ def train_autoencoder(
     weights = weights.float()
     chunker = NeuronChunker(spec, shared_init, "neuron")
     model = NefAutoencoder(config, shared_init, chunk_scale(chunker, chunker.to_chunks(weights))).to(device)
+    if not 0.0 <= surface_fraction <= 1.0:
+        raise ValueError(f"surface_fraction must be in [0, 1], got {surface_fraction}")
+    if points_per_step is not None and not 1 <= points_per_step <= len(coords):
+        raise ValueError(f"points_per_step must be in [1, {len(coords)}] (the coordinate pool), got {points_per_step}")
+    if surface_fraction > 0 and points_per_step is None:
+        raise ValueError("surface_fraction > 0 needs points_per_step (the points are drawn from the pool each step)")
+    coords = coords.float()
+    generator = torch.Generator().manual_seed(seed)
+    draw = None if points_per_step is None else \
+        _PointSampler(spec, weights, coords, points_per_step, surface_fraction, generator, progress)
     coords = coords.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * -(-weights.shape[0] // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    generator = torch.Generator().manual_seed(seed)
     curve, last = [], {}
     bar = tqdm(total=steps, desc="training the autoencoder", disable=not progress)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(weights.shape[0], generator=generator)
-        total, sums = 0.0, {"function_mse": 0.0, "weight_mse": 0.0}
+        total, sums = 0.0, {}
         for start in range(0, len(order), batch_size):
-            batch = weights[order[start:start + batch_size]].to(device, non_blocking=True)
-            loss, parts = model.loss(batch, coords)
+            rows = order[start:start + batch_size]
+            batch = weights[rows].to(device, non_blocking=True)
+            loss, parts = model.loss(batch, coords if draw is None else draw(rows).to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(batch)
-            for key in sums:
-                sums[key] += parts[key] * len(batch)
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
             bar.update(1)
         curve.append(total / len(order))
         last = {key: value / len(order) for key, value in sums.items()}
         bar.set_postfix(loss=f"{curve[-1]:.3g}")
     bar.close()
     return model.cpu().eval(), {"loss_curve": curve, **last}
+
+
+class _PointSampler:
+    """Each step's coordinates for `train_autoencoder` (its ``points_per_step`` and ``surface_fraction``):
+    ``rows`` (field indices) -> ``(b, n, in_dim)`` points."""
+
+    def __init__(self, spec, weights, pool, points_per_step, surface_fraction, generator, progress):
+        from ..fields.siren import evaluate_in_chunks
+
+        self.pool, self.generator = pool, generator
+        self.num_surface = int(round(points_per_step * surface_fraction))
+        self.num_uniform = points_per_step - self.num_surface
+        self.near = None
+        if self.num_surface:
+            # Per field, the pool points nearest its decision boundary (smallest |output|): int32 (b, candidates).
+            candidates = max(self.num_surface, len(pool) // 8)
+            near = []
+            for start in tqdm(range(0, len(weights), 256), desc="finding the fields' surfaces", disable=not progress):
+                outputs = evaluate_in_chunks(spec, weights[start:start + 256].float(), pool).abs().sum(-1)
+                near.append(outputs.topk(candidates, dim=1, largest=False).indices.int())
+            self.near = torch.cat(near)
+            # Jitter by half a pool spacing, so that the decoder sees the band, not only the pool's points.
+            extent = (pool.max(0).values - pool.min(0).values).clamp_min(1e-6)
+            self.jitter = 0.5 * extent / len(pool) ** (1.0 / pool.shape[1])
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        uniform = self.pool[torch.randint(len(self.pool), (self.num_uniform,), generator=self.generator)]
+        points = uniform.unsqueeze(0).expand(len(rows), -1, -1)
+        if self.near is None:
+            return points
+        near = self.near[rows]
+        pick = torch.randint(near.shape[1], (len(rows), self.num_surface), generator=self.generator)
+        surface = self.pool[near.gather(1, pick).long()]
+        surface = surface + torch.randn(surface.shape, generator=self.generator) * self.jitter
+        return torch.cat([points, surface], dim=1)
 
 
 __all__ = ["NefAutoencoder", "NefAutoencoderConfig", "train_autoencoder"]

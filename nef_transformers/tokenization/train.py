@@ -32,6 +32,12 @@ from .quantizer import ResidualVQ
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("vq", "naive", "learned")
+# The learned strategy on occupancy fields (shapes): each autoencoder step compares the outputs on 4,096 points
+# drawn afresh from 32,768 uniform ones in the shape cube, half of them per field near its surface, with the
+# binary KL of the occupancies (`NefAutoencoderConfig.function_loss="kl"`); benchmarks/RESULTS.md has the evidence.
+SHAPE_AUTOENCODER_POOL = 32768
+SHAPE_AUTOENCODER_POINTS = 4096
+SHAPE_AUTOENCODER_SURFACE = 0.5
 NORMALIZATIONS = ("std", "none")
 
 
@@ -275,12 +281,18 @@ def train_tokenizer(
     else:
         from .learned import NefAutoencoderConfig, train_autoencoder
 
-        config = autoencoder_config or NefAutoencoderConfig(spec=spec.to_dict())
-        tokenizer, stats = train_autoencoder(weights, spec, shared_init, field_coords(source, spec), config,
-                                             epochs=autoencoder_epochs, progress=progress, device=device)
+        occupancy = source.get("kind") == "occupancy"
+        config = autoencoder_config or NefAutoencoderConfig(spec=spec.to_dict(),
+                                                            function_loss="kl" if occupancy else "mse")
+        coords, points = field_coords(source, spec), {}
+        if occupancy:
+            coords = field_coords(source, spec, num_points=SHAPE_AUTOENCODER_POOL)
+            points = {"points_per_step": SHAPE_AUTOENCODER_POINTS, "surface_fraction": SHAPE_AUTOENCODER_SURFACE}
+        tokenizer, stats = train_autoencoder(weights, spec, shared_init, coords, config, epochs=autoencoder_epochs,
+                                             progress=progress, device=device, **points)
         with torch.no_grad():
             latents = torch.cat([tokenizer.encode(weights[s:s + batch_size]) for s in range(0, len(weights), batch_size)])
-        info.update(settings=asdict(config), epochs=autoencoder_epochs, tokens_per_field=tokenizer.num_tokens,
+        info.update(settings=asdict(config), epochs=autoencoder_epochs, **points, tokens_per_field=tokenizer.num_tokens,
                     latent_dim=config.latent_dim, **stats)
         tokenised = _chunks_dataset(latents, dataset)
     # The tokenised set keeps the weight dataset's metadata (spec, shared init, source), so that a model trained
