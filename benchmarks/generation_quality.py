@@ -60,6 +60,8 @@ def main(argv=None) -> list[dict]:
                              "(30 epochs) -> 70.4 %%, 32 x 1 (15 epochs) -> 85.8 %%; ~22 min on 2 CPU cores at 128)")
     parser.add_argument("--ae-layers", type=int, default=2, help="learned strategy: autoencoder layers (each side)")
     parser.add_argument("--ae-latent-dim", type=int, default=4, help="learned strategy: latent width per neuron")
+    parser.add_argument("--ae-batch-size", type=int, default=None,
+                        help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
@@ -82,7 +84,8 @@ def main(argv=None) -> list[dict]:
                        num_mixtures=args.num_mixtures, batch_size=args.batch_size, learning_rate=args.lr,
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
-                       autoencoder_latent_dim=args.ae_latent_dim, keep_best_model=args.keep_best)
+                       autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
+                       keep_best_model=args.keep_best)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
     started = time.perf_counter()

@@ -77,6 +77,7 @@ class RunConfig:
     autoencoder_hidden_size: int = 64
     autoencoder_layers: int = 2
     autoencoder_latent_dim: int = 4
+    autoencoder_batch_size: int | None = None  # None: 16 for shapes, 64 for images (`train_tokenizer`)
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30
@@ -399,10 +400,13 @@ class Run:
         wanted = self.config.stage_settings(strategy)["tokenization"]
         if strategy == "learned":
             wanted["function_loss"] = self._function_loss()
+            wanted["batch_size"] = self._autoencoder_batch_size()
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
-            settings = {"function_loss": "mse", **info.get("settings", {})}  # older folders: the MSE was the only loss
-            saved = {k: info.get("epochs") if k == "epochs" else settings.get(k) for k in wanted}
+            # older folders: the MSE was the only loss, 64 the only batch
+            settings = {"function_loss": "mse", **info.get("settings", {}),
+                        "epochs": info.get("epochs"), "batch_size": info.get("batch_size", 64)}
+            saved = {k: settings.get(k) for k in wanted}
             _check_cached(folder, saved, wanted)
             return folder
         dataset = self.fit()
@@ -419,7 +423,9 @@ class Run:
                 hidden_size=c.autoencoder_hidden_size, num_layers=c.autoencoder_layers,
                 function_loss=self._function_loss())
         train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_config=autoencoder_config,
-                        autoencoder_epochs=self.config.autoencoder_epochs, progress=self.progress,
+                        autoencoder_epochs=self.config.autoencoder_epochs,
+                        autoencoder_batch_size=self._autoencoder_batch_size() if strategy == "learned" else None,
+                        progress=self.progress,
                         device=self.device)
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
@@ -428,6 +434,13 @@ class Run:
     def _function_loss(self) -> str:
         """The learned strategy's autoencoder loss: occupancy KL for shapes, MSE for images."""
         return "kl" if self.source.kind == "occupancy" else "mse"
+
+    def _autoencoder_batch_size(self) -> int:
+        from .tokenization.train import AUTOENCODER_BATCH_SIZE, SHAPE_AUTOENCODER_BATCH_SIZE
+
+        if self.config.autoencoder_batch_size is not None:
+            return self.config.autoencoder_batch_size
+        return SHAPE_AUTOENCODER_BATCH_SIZE if self.source.kind == "occupancy" else AUTOENCODER_BATCH_SIZE
 
     def train(self, strategy: str | None = None, extra_args: Sequence[str] = ()) -> Path:
         """Train NefGPT on the tokenised fields (OUT/{strategy}/model), resuming from its last checkpoint."""

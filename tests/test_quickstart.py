@@ -153,10 +153,12 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     row = run.autoencoder_row()
     assert row["strategy"] == "autoencoder-train" and row["num_samples"] == 8 and row["mmd"] is not None
     assert row["mmd"] != oracle["mmd"]  # decoded fields differ from the training fields themselves
-    # the autoencoder's loss is part of its settings; folders written before it was recorded meant the MSE
+    # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
+    # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"
     info = json.loads(info_file.read_text())
     assert info["settings"].pop("function_loss") == "mse"  # MNIST: pixel values, not occupancy logits
+    assert info.pop("batch_size") == 64
     info_file.write_text(json.dumps(info))
     assert run.tokenize() == out / "learned" / "tokenization"
     info["settings"]["function_loss"] = "kl"

@@ -172,7 +172,8 @@ def test_autoencoder_refuses_bad_loss_and_point_settings(weight_dataset):
 
 
 def test_learned_strategy_picks_the_loss_by_source_kind(weight_dataset):
-    from nef_transformers.tokenization.train import SHAPE_AUTOENCODER_POINTS, SHAPE_AUTOENCODER_SURFACE
+    from nef_transformers.tokenization.train import (
+        AUTOENCODER_BATCH_SIZE, SHAPE_AUTOENCODER_BATCH_SIZE, SHAPE_AUTOENCODER_POINTS, SHAPE_AUTOENCODER_SURFACE)
 
     generator = torch.Generator().manual_seed(0)
     init = siren_init(SHAPE_SPEC, 1, generator=generator)[0]
@@ -183,5 +184,7 @@ def test_learned_strategy_picks_the_loss_by_source_kind(weight_dataset):
     assert occupancy["settings"]["function_loss"] == "kl" and "function_kl" in occupancy
     assert occupancy["points_per_step"] == SHAPE_AUTOENCODER_POINTS
     assert occupancy["surface_fraction"] == SHAPE_AUTOENCODER_SURFACE
+    assert occupancy["batch_size"] == SHAPE_AUTOENCODER_BATCH_SIZE != AUTOENCODER_BATCH_SIZE
     images = train_tokenizer(weight_dataset[0], "learned", autoencoder_epochs=1, progress=False).info
     assert images["settings"]["function_loss"] == "mse" and "points_per_step" not in images
+    assert images["batch_size"] == AUTOENCODER_BATCH_SIZE

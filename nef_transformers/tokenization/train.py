@@ -38,6 +38,10 @@ STRATEGIES = ("vq", "naive", "learned")
 SHAPE_AUTOENCODER_POOL = 32768
 SHAPE_AUTOENCODER_POINTS = 4096
 SHAPE_AUTOENCODER_SURFACE = 0.5
+# Autoencoder batch (fields per step): 711 chairs make 12 steps an epoch at 64, and the autoencoder is short of
+# steps, not of fields: at 16 (same epochs, less time) its ceiling went from 1-NNA 94.1 % to 82.6 %.
+AUTOENCODER_BATCH_SIZE = 64
+SHAPE_AUTOENCODER_BATCH_SIZE = 16
 NORMALIZATIONS = ("std", "none")
 
 
@@ -232,6 +236,7 @@ def train_tokenizer(
     chunking: str = "neuron",
     autoencoder_config=None,
     autoencoder_epochs: int = 30,
+    autoencoder_batch_size: int | None = None,
     batch_size: int = 1024,
     progress: bool = True,
     device: str = "cpu",
@@ -245,7 +250,8 @@ def train_tokenizer(
             ``chunks``) or ``"learned"`` (`NefAutoencoder` latents, ``chunks``).
         vq_config: ``vq`` settings (default `VQTokenizerConfig()`).
         chunking: ``naive`` only: ``"neuron"`` or ``"scalar"`` chunks.
-        autoencoder_config, autoencoder_epochs: ``learned`` only (`NefAutoencoderConfig`, epochs).
+        autoencoder_config, autoencoder_epochs, autoencoder_batch_size: ``learned`` only (`NefAutoencoderConfig`,
+            epochs, fields per step; None: 16 for occupancy fields, 64 for images).
         batch_size: fields encoded at once.
         device: where the ``learned`` autoencoder trains (``"cuda"``: minutes instead of tens of minutes for
             thousands of fields); the other strategies and the saved files are on the CPU.
@@ -288,11 +294,14 @@ def train_tokenizer(
         if occupancy:
             coords = field_coords(source, spec, num_points=SHAPE_AUTOENCODER_POOL)
             points = {"points_per_step": SHAPE_AUTOENCODER_POINTS, "surface_fraction": SHAPE_AUTOENCODER_SURFACE}
+        if autoencoder_batch_size is None:
+            autoencoder_batch_size = SHAPE_AUTOENCODER_BATCH_SIZE if occupancy else AUTOENCODER_BATCH_SIZE
         tokenizer, stats = train_autoencoder(weights, spec, shared_init, coords, config, epochs=autoencoder_epochs,
-                                             progress=progress, device=device, **points)
+                                             batch_size=autoencoder_batch_size, progress=progress, device=device,
+                                             **points)
         with torch.no_grad():
             latents = torch.cat([tokenizer.encode(weights[s:s + batch_size]) for s in range(0, len(weights), batch_size)])
-        info.update(settings=asdict(config), epochs=autoencoder_epochs, **points, tokens_per_field=tokenizer.num_tokens,
+        info.update(settings=asdict(config), epochs=autoencoder_epochs, batch_size=autoencoder_batch_size, **points, tokens_per_field=tokenizer.num_tokens,
                     latent_dim=config.latent_dim, **stats)
         tokenised = _chunks_dataset(latents, dataset)
     # The tokenised set keeps the weight dataset's metadata (spec, shared init, source), so that a model trained
