@@ -433,14 +433,16 @@ class Run:
 
     def _function_loss(self) -> str:
         """The learned strategy's autoencoder loss: occupancy KL for shapes, MSE for images."""
-        return "kl" if self.source.kind == "occupancy" else "mse"
+        from .tokenization.train import autoencoder_defaults
+
+        return autoencoder_defaults(self.source.kind)["function_loss"]
 
     def _autoencoder_batch_size(self) -> int:
-        from .tokenization.train import AUTOENCODER_BATCH_SIZE, SHAPE_AUTOENCODER_BATCH_SIZE
+        from .tokenization.train import autoencoder_defaults
 
         if self.config.autoencoder_batch_size is not None:
             return self.config.autoencoder_batch_size
-        return SHAPE_AUTOENCODER_BATCH_SIZE if self.source.kind == "occupancy" else AUTOENCODER_BATCH_SIZE
+        return autoencoder_defaults(self.source.kind)["batch_size"]
 
     def train(self, strategy: str | None = None, extra_args: Sequence[str] = ()) -> Path:
         """Train NefGPT on the tokenised fields (OUT/{strategy}/model), resuming from its last checkpoint."""

@@ -248,6 +248,12 @@ def train_autoencoder(
     spec.check_weights(weights)
     if epochs < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"epochs >= 1, batch_size >= 1 and lr > 0 are needed, got {epochs}, {batch_size}, {lr}")
+    if not 0.0 <= surface_fraction <= 1.0:
+        raise ValueError(f"surface_fraction must be in [0, 1], got {surface_fraction}")
+    if points_per_step is not None and not 1 <= points_per_step <= len(coords):
+        raise ValueError(f"points_per_step must be in [1, {len(coords)}] (the coordinate pool), got {points_per_step}")
+    if surface_fraction > 0 and points_per_step is None:
+        raise ValueError("surface_fraction > 0 needs points_per_step (the points are drawn from the pool each step)")
     config = config or NefAutoencoderConfig(spec=spec.to_dict())
     if SirenSpec.from_dict(config.spec) != spec:
         raise ValueError(f"config.spec {SirenSpec.from_dict(config.spec)} differs from the weights' {spec}")
@@ -255,12 +261,6 @@ def train_autoencoder(
     weights = weights.float()
     chunker = NeuronChunker(spec, shared_init, "neuron")
     model = NefAutoencoder(config, shared_init, chunk_scale(chunker, chunker.to_chunks(weights))).to(device)
-    if not 0.0 <= surface_fraction <= 1.0:
-        raise ValueError(f"surface_fraction must be in [0, 1], got {surface_fraction}")
-    if points_per_step is not None and not 1 <= points_per_step <= len(coords):
-        raise ValueError(f"points_per_step must be in [1, {len(coords)}] (the coordinate pool), got {points_per_step}")
-    if surface_fraction > 0 and points_per_step is None:
-        raise ValueError("surface_fraction > 0 needs points_per_step (the points are drawn from the pool each step)")
     coords = coords.float()
     generator = torch.Generator().manual_seed(seed)
     draw = None if points_per_step is None else \
