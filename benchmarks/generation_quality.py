@@ -50,6 +50,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-layers", type=int, default=4, help="NefGPT layers")
     parser.add_argument("--heads", type=int, default=4, help="NefGPT attention heads")
     parser.add_argument("--num-mixtures", type=int, default=8, help="NefGPT regression head: mixture components")
+    parser.add_argument("--dropout", type=float, default=0.0, help="NefGPT hidden and attention dropout")
     parser.add_argument("--batch-size", type=int, default=32, help="NefGPT batch (continuous strategies)")
     parser.add_argument("--lr", type=float, default=1e-3, help="NefGPT peak learning rate")
     parser.add_argument("--keep-best", action="store_true",
@@ -81,7 +82,7 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out or f"runs/generation_quality_{name}{'_quick' if args.quick else ''}")
     config = RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
                        num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
-                       num_mixtures=args.num_mixtures, batch_size=args.batch_size, learning_rate=args.lr,
+                       num_mixtures=args.num_mixtures, dropout=args.dropout, batch_size=args.batch_size, learning_rate=args.lr,
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,

@@ -72,6 +72,8 @@ class RunConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_mixtures: int = 8
+    # hidden and attention dropout of NefGPT (`--dropout`): a prior over a few hundred fields overfits
+    dropout: float = 0.0
     # learned strategy: the neuron autoencoder (`NefAutoencoderConfig`) trained before NefGPT models its latents
     autoencoder_epochs: int = 30
     autoencoder_hidden_size: int = 64
@@ -92,6 +94,8 @@ class RunConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def stage_settings(self, strategy: str) -> dict:
         """The settings a strategy's cached tokenization and model were made with (compared on reuse)."""
@@ -100,7 +104,7 @@ class RunConfig:
             tokenization = {"epochs": self.autoencoder_epochs, "hidden_size": self.autoencoder_hidden_size,
                             "num_layers": self.autoencoder_layers, "latent_dim": self.autoencoder_latent_dim}
         model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
-                 "num_attention_heads": self.num_attention_heads}
+                 "num_attention_heads": self.num_attention_heads, "hidden_dropout": self.dropout}
         return {"tokenization": tokenization, "model": model}
 
     def identity(self) -> dict:
@@ -465,7 +469,8 @@ class Run:
         argv = ["--dataset", str(tokenization / "dataset"), "--tokenizer", str(tokenization / "tokenizer"),
                 "--output_dir", str(model_dir), "--hidden_size", str(c.hidden_size),
                 "--num_hidden_layers", str(c.num_hidden_layers), "--num_attention_heads", str(c.num_attention_heads),
-                "--num_mixtures", str(c.num_mixtures), "--per_device_train_batch_size", str(c.batch_size),
+                "--num_mixtures", str(c.num_mixtures), "--dropout", str(c.dropout),
+                "--per_device_train_batch_size", str(c.batch_size),
                 "--learning_rate", str(c.learning_rate), "--num_train_epochs", str(c.num_train_epochs),
                 "--validation_split", "0.05", "--lr_warmup_steps", "50", "--eval_steps", "200",
                 "--checkpointing_steps", "200", "--logging_steps", "10", "--report_to", "none",

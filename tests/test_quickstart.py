@@ -148,6 +148,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**same, autoencoder_hidden_size=96), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="hidden_size: 16 there, 32 asked"):
         Run(out, RunConfig(**{**same, "hidden_size": 32}), device="cpu", progress=False).train()
+    with pytest.raises(RunMismatchError, match="hidden_dropout: 0.0 there, 0.1 asked"):
+        Run(out, RunConfig(**same, dropout=0.1), device="cpu", progress=False).train()
     # the autoencoder ceiling row: the oracle's training fields through the autoencoder, scored like the others
     run = Run(out, RunConfig(**same), device="cpu", progress=False)
     row = run.autoencoder_row()
@@ -165,6 +167,18 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     info_file.write_text(json.dumps(info))
     with pytest.raises(RunMismatchError, match="function_loss: 'kl' there, 'mse' asked"):
         run.tokenize()
+
+
+def test_run_config_refuses_bad_settings():
+    from nef_transformers.experiment import RunConfig
+
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        RunConfig(strategy="bpe")
+    with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\), got 1"):
+        RunConfig(test_fraction=1)
+    for dropout in (-0.1, 1.0):
+        with pytest.raises(ValueError, match=rf"dropout must be in \[0, 1\), got {dropout}"):
+            RunConfig(dropout=dropout)
 
 
 @pytest.mark.timeout(600)
