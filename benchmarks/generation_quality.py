@@ -51,6 +51,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--heads", type=int, default=4, help="NefGPT attention heads")
     parser.add_argument("--num-mixtures", type=int, default=8, help="NefGPT regression head: mixture components")
     parser.add_argument("--dropout", type=float, default=0.0, help="NefGPT hidden and attention dropout")
+    parser.add_argument("--chunk-noise", type=float, default=0.0,
+                        help="NefGPT (continuous strategies): training noise on the chunks, in units of their std")
     parser.add_argument("--batch-size", type=int, default=32, help="NefGPT batch (continuous strategies)")
     parser.add_argument("--lr", type=float, default=1e-3, help="NefGPT peak learning rate")
     parser.add_argument("--keep-best", action="store_true",
@@ -61,6 +63,8 @@ def main(argv=None) -> list[dict]:
                              "(30 epochs) -> 70.4 %%, 32 x 1 (15 epochs) -> 85.8 %%; ~22 min on 2 CPU cores at 128)")
     parser.add_argument("--ae-layers", type=int, default=2, help="learned strategy: autoencoder layers (each side)")
     parser.add_argument("--ae-latent-dim", type=int, default=4, help="learned strategy: latent width per neuron")
+    parser.add_argument("--ae-latent-noise", type=float, default=0.0,
+                        help="learned strategy: training noise on the latents, in units of their std (NefAutoencoderConfig)")
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
@@ -82,10 +86,11 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out or f"runs/generation_quality_{name}{'_quick' if args.quick else ''}")
     config = RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
                        num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
-                       num_mixtures=args.num_mixtures, dropout=args.dropout, batch_size=args.batch_size, learning_rate=args.lr,
+                       num_mixtures=args.num_mixtures, dropout=args.dropout, chunk_noise=args.chunk_noise, batch_size=args.batch_size, learning_rate=args.lr,
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
+                       autoencoder_latent_noise=args.ae_latent_noise,
                        keep_best_model=args.keep_best)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()

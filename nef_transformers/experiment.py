@@ -74,12 +74,15 @@ class RunConfig:
     num_mixtures: int = 8
     # hidden and attention dropout of NefGPT (`--dropout`): a prior over a few hundred fields overfits
     dropout: float = 0.0
+    # noise on NefGPT's training chunks, in units of their std (`--chunk_noise`; continuous strategies only)
+    chunk_noise: float = 0.0
     # learned strategy: the neuron autoencoder (`NefAutoencoderConfig`) trained before NefGPT models its latents
     autoencoder_epochs: int = 30
     autoencoder_hidden_size: int = 64
     autoencoder_layers: int = 2
     autoencoder_latent_dim: int = 4
     autoencoder_batch_size: int | None = None  # None: 16 for shapes, 64 for images (`train_tokenizer`)
+    autoencoder_latent_noise: float = 0.0  # `NefAutoencoderConfig.latent_noise`
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30
@@ -96,13 +99,16 @@ class RunConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.chunk_noise >= 0:
+            raise ValueError(f"chunk_noise must be >= 0, got {self.chunk_noise}")
 
     def stage_settings(self, strategy: str) -> dict:
         """The settings a strategy's cached tokenization and model were made with (compared on reuse)."""
         tokenization = {}
         if strategy == "learned":
             tokenization = {"epochs": self.autoencoder_epochs, "hidden_size": self.autoencoder_hidden_size,
-                            "num_layers": self.autoencoder_layers, "latent_dim": self.autoencoder_latent_dim}
+                            "num_layers": self.autoencoder_layers, "latent_dim": self.autoencoder_latent_dim,
+                            "latent_noise": self.autoencoder_latent_noise}
         model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
                  "num_attention_heads": self.num_attention_heads, "hidden_dropout": self.dropout}
         return {"tokenization": tokenization, "model": model}
@@ -407,8 +413,8 @@ class Run:
             wanted["batch_size"] = self._autoencoder_batch_size()
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
-            # older folders: the MSE was the only loss, 64 the only batch
-            settings = {"function_loss": "mse", **info.get("settings", {}),
+            # older folders: the MSE was the only loss, 64 the only batch, no latent noise
+            settings = {"function_loss": "mse", "latent_noise": 0.0, **info.get("settings", {}),
                         "epochs": info.get("epochs"), "batch_size": info.get("batch_size", 64)}
             saved = {k: settings.get(k) for k in wanted}
             _check_cached(folder, saved, wanted)
@@ -425,7 +431,7 @@ class Run:
             autoencoder_config = NefAutoencoderConfig(
                 spec=get_spec(dataset).to_dict(), latent_dim=c.autoencoder_latent_dim,
                 hidden_size=c.autoencoder_hidden_size, num_layers=c.autoencoder_layers,
-                function_loss=self._function_loss())
+                function_loss=self._function_loss(), latent_noise=c.autoencoder_latent_noise)
         train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_config=autoencoder_config,
                         autoencoder_epochs=self.config.autoencoder_epochs,
                         autoencoder_batch_size=self._autoencoder_batch_size() if strategy == "learned" else None,
@@ -461,8 +467,10 @@ class Run:
             wanted = self.config.stage_settings(strategy)["model"]
             saved = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
             _check_cached(model_dir, {k: saved.get(k) for k in wanted}, wanted)
+        chunk_noise = self.config.chunk_noise if strategy != "vq" else 0.0
         if (model_dir / "model.safetensors").is_file() and (model_dir / "trainer_state.json").is_file():
             state = json.loads((model_dir / "trainer_state.json").read_text(encoding="utf-8"))
+            _check_cached(model_dir, {"chunk_noise": state.get("chunk_noise", 0.0)}, {"chunk_noise": chunk_noise})
             if state.get("finished"):
                 return model_dir
         c = self.config
@@ -474,7 +482,7 @@ class Run:
                 "--learning_rate", str(c.learning_rate), "--num_train_epochs", str(c.num_train_epochs),
                 "--validation_split", "0.05", "--lr_warmup_steps", "50", "--eval_steps", "200",
                 "--checkpointing_steps", "200", "--logging_steps", "10", "--report_to", "none",
-                "--seed", str(c.seed), *extra_args]
+                "--seed", str(c.seed), "--chunk_noise", str(chunk_noise), *extra_args]
         if self.device == "cpu":
             argv.append("--cpu")
         if c.max_train_steps:

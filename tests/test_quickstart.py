@@ -150,6 +150,10 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**{**same, "hidden_size": 32}), device="cpu", progress=False).train()
     with pytest.raises(RunMismatchError, match="hidden_dropout: 0.0 there, 0.1 asked"):
         Run(out, RunConfig(**same, dropout=0.1), device="cpu", progress=False).train()
+    with pytest.raises(RunMismatchError, match="chunk_noise: 0.0 there, 0.3 asked"):
+        Run(out, RunConfig(**same, chunk_noise=0.3), device="cpu", progress=False).train()
+    with pytest.raises(RunMismatchError, match="latent_noise: 0.0 there, 0.3 asked"):
+        Run(out, RunConfig(**same, autoencoder_latent_noise=0.3), device="cpu", progress=False).tokenize()
     # the autoencoder ceiling row: the oracle's training fields through the autoencoder, scored like the others
     run = Run(out, RunConfig(**same), device="cpu", progress=False)
     row = run.autoencoder_row()
@@ -179,6 +183,8 @@ def test_run_config_refuses_bad_settings():
     for dropout in (-0.1, 1.0):
         with pytest.raises(ValueError, match=rf"dropout must be in \[0, 1\), got {dropout}"):
             RunConfig(dropout=dropout)
+    with pytest.raises(ValueError, match="chunk_noise must be >= 0, got -1"):
+        RunConfig(chunk_noise=-1)
 
 
 @pytest.mark.timeout(600)

@@ -188,3 +188,40 @@ def test_learned_strategy_picks_the_loss_by_source_kind(weight_dataset):
     images = train_tokenizer(weight_dataset[0], "learned", autoencoder_epochs=1, progress=False).info
     assert images["settings"]["function_loss"] == "mse" and "points_per_step" not in images
     assert images["batch_size"] == AUTOENCODER_BATCH_SIZE
+
+
+def test_latent_noise_is_training_only_and_relative_to_the_latents_spread(weight_dataset, tmp_path):
+    _, init, weights = weight_dataset
+    coords = field_coords(SOURCE, SPEC)
+    config = NefAutoencoderConfig(spec=SPEC.to_dict(), latent_dim=4, hidden_size=16, num_heads=2, latent_noise=0.5)
+    model = NefAutoencoder(config, init)
+
+    def loss(module, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return float(module.loss(weights, coords)[0])
+
+    model.train()
+    noisy = [loss(model, 0), loss(model, 0), loss(model, 1)]
+    assert noisy[0] == noisy[1] != noisy[2]  # seeded noise
+    plain = NefAutoencoder(NefAutoencoderConfig(**{**config.__dict__, "latent_noise": 0.0}), init)
+    plain.load_state_dict(model.state_dict())
+    plain.train()
+    assert loss(plain, 0) == loss(plain, 1) != noisy[0]
+    model.eval()
+    assert loss(model, 0) == loss(model, 1) == pytest.approx(loss(plain, 0), rel=1e-5)  # no noise outside training
+    # latents ten times larger (and a decoder that undoes it): the same function, and the same noisy loss, since the
+    # noise follows the latents' spread; the encoder cannot grow its way out of it
+    scaled = NefAutoencoder(config, init)
+    scaled.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        scaled.to_latent.weight.mul_(10)
+        scaled.to_latent.bias.mul_(10)
+        scaled.decoder_in.weight.div_(10)
+    model.train()
+    scaled.train()
+    assert loss(scaled, 0) == pytest.approx(noisy[0], rel=1e-4)
+    model.save_pretrained(tmp_path)
+    assert NefAutoencoder.from_pretrained(tmp_path).config.latent_noise == 0.5
+    with pytest.raises(ValueError, match="latent_noise must be >= 0, got -0.1"):
+        NefAutoencoderConfig(spec=SPEC.to_dict(), latent_noise=-0.1)

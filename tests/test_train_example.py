@@ -155,6 +155,42 @@ def test_regression_head_trains_on_chunks(train, data, tmp_path):
     assert chunker.from_chunks(samples).shape == (2, chunker.spec.num_params)
 
 
+def test_chunk_noise_perturbs_the_training_chunks_only(train, data, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from nef_transformers.models.nef_gpt import NefGPTForWeightRegression
+
+    seen = []
+    original = NefGPTForWeightRegression.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.training, kwargs["labels"].detach().clone()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NefGPTForWeightRegression, "forward", recording)
+    summary = train.main(["--dataset", str(data / "chunks"), "--tokenizer", str(data / "chunker"),
+                          "--output_dir", str(tmp_path), *TINY, "--max_train_steps", "20", "--chunk_noise", "0.5"])
+    assert summary["chunk_noise"] == 0.5
+    rows = torch.tensor(load_from_disk(str(data / "chunks"))["chunks"]).float()  # (40, 5, 5)
+    padding = rows.abs().sum(0) == 0
+    flat = rows.flatten(1)
+
+    def nearest(labels):
+        return flat[torch.cdist(labels.flatten(1), flat).argmin(1)].view_as(labels)
+
+    evaluated = torch.cat([labels for training, labels in seen if not training])
+    assert len(evaluated) and torch.equal(nearest(evaluated), evaluated)  # validation: the chunks as they are
+    trained = torch.cat([labels for training, labels in seen if training])
+    assert len(trained) == 4 * 36 and (trained[:, padding] == 0).all()  # 20 steps = 4 epochs of 36; padding stays 0
+    residual = (trained - nearest(trained))[:, ~padding]
+    ratio = float(residual.std() / rows[:, ~padding].std())
+    assert 0.4 < ratio < 0.6, ratio  # noise of 0.5 x the chunks' std
+    with pytest.raises(ValueError, match="--chunk_noise is for continuous chunks"):
+        train.main(ids_args(data, tmp_path / "ids", "--max_train_steps", "1", "--chunk_noise", "0.5"))
+    with pytest.raises(SystemExit):
+        train.main(ids_args(data, tmp_path / "ids", "--chunk_noise", "-1"))
+
+
 def test_bad_datasets_raise_clear_errors(train, data, tmp_path):
     with pytest.raises(ValueError, match=r"train split: input_ids hold ids in \[1, 21\] but the model's vocabulary is \[0, 16\)"):
         train.main(["--dataset", str(data / "ids_other_vocab"), "--tokenizer", str(data / "tokenizer"),
