@@ -91,7 +91,10 @@ def test_noisy_baseline_adds_scaled_noise_to_training_rows():
 def test_metrics_table_shows_missing_values_as_dashes():
     row = {"strategy": "gaussian", "num_samples": 10, "invalid": 2, "mmd": 0.5, "cov": 0.25, "one_nna": None}
     table = metrics_table([row])
-    assert "| gaussian | – | – | 2/10 | 0.5 | 25.0% | – |" in table
+    assert "| gaussian | – | – | 2/10 | 0.5 | 25.0% | – | – |" in table
+    # the two halves of the 1-NNA side by side: samples / references
+    row.update(one_nna=0.67, one_nna_samples=0.36, one_nna_references=0.98)
+    assert "| 67.0% | 36% / 98% |" in metrics_table([row])
 
 
 def _read_metrics(out):
