@@ -86,7 +86,8 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out or f"runs/generation_quality_{name}{'_quick' if args.quick else ''}")
     config = RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
                        num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
-                       num_mixtures=args.num_mixtures, dropout=args.dropout, chunk_noise=args.chunk_noise, batch_size=args.batch_size, learning_rate=args.lr,
+                       num_mixtures=args.num_mixtures, dropout=args.dropout, chunk_noise=args.chunk_noise,
+                       batch_size=args.batch_size, learning_rate=args.lr,
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,

@@ -732,7 +732,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
         state = json.loads((checkpoint / STATE_FILE).read_text())
-        differences = describe_differences(state["signature"], json.loads(json.dumps(signature)))
+        # checkpoints written before --chunk_noise existed were trained without it
+        saved = {"chunk_noise": 0.0, **state["signature"]}
+        differences = describe_differences(saved, json.loads(json.dumps(signature)))
         if differences:
             raise ValueError(f"cannot resume from {checkpoint}: the run differs from the one that wrote it ("
                              + "; ".join(differences) + "). Resume with the original arguments, or start a new "
