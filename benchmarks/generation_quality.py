@@ -9,7 +9,8 @@ For each strategy (``--strategies``) it trains one NefGPT and samples it on the 
 mixture components). In the same run: ``oracle-train`` (training
 fields as the generator: the i.i.d. ceiling), ``noisy-train`` (training weights plus noise), ``gaussian`` (a
 Gaussian fitted in weight space) and, with the learned strategy, ``autoencoder-train`` (the oracle's training
-fields through its autoencoder: what a perfect prior over the latents would score). Every row: MMD, COV,
+fields through its autoencoder: what a perfect prior over the latents would score) and ``gaussian-latent`` (one
+Gaussian fitted to the training fields' latents, decoded: the trivial prior NefGPT has to beat). Every row: MMD, COV,
 1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split, the memorisation ratio (median nearest-training
 distance of samples / of held-out real items) and, for labelled images, the share of samples the classifier
 recognises with confidence >= 0.9 and the spread over classes.
@@ -108,8 +109,9 @@ def main(argv=None) -> list[dict]:
         run.config.max_train_steps = args.vq_steps if strategy == "vq" else None
         run.train(strategy, ["--per_device_train_batch_size", str(args.vq_batch_size)] if strategy == "vq" else ())
         timings[f"train_{strategy}"] = time.perf_counter() - t0
-        if strategy == "learned":  # the ceiling of the prior: training fields through the autoencoder
-            rows.append(run.autoencoder_row())
+        if strategy == "learned":  # the ceiling of the prior (training fields through the autoencoder) and the
+            rows.append(run.autoencoder_row())  # trivial prior over the same latents (one Gaussian)
+            rows.append(run.latent_gaussian_row())
         best = None
         for top_k in args.top_k:
             for temperature in args.temperature:

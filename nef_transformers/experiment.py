@@ -295,6 +295,17 @@ def gaussian_weights(train_weights: torch.Tensor, count: int, seed: int) -> torc
     return (mean + noise @ factor.T).float()
 
 
+@torch.no_grad()
+def latent_gaussian_weights(autoencoder, train_weights: torch.Tensor, count: int, seed: int,
+                            batch_size: int = 256) -> torch.Tensor:
+    """``count`` fields decoded from one Gaussian fitted to the ``autoencoder``'s latents of ``train_weights``
+    (`gaussian_weights` over the flattened ``(t, latent_dim)`` latents), as float32 CPU weights."""
+    device = autoencoder.scale.device
+    latents = torch.cat([autoencoder.encode(part.to(device).float()).cpu() for part in train_weights.split(batch_size)])
+    draws = gaussian_weights(latents.flatten(1), count, seed).view(count, *latents.shape[1:])
+    return torch.cat([autoencoder.decode(part.to(device)).float().cpu() for part in draws.split(batch_size)])
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class Run:
@@ -582,6 +593,17 @@ class Run:
             decoded = torch.cat([autoencoder(part.to(self.device))[0].cpu() for part in oracle.split(256)])
         return self.evaluate_weights(decoded, "autoencoder-train")
 
+    def latent_gaussian_row(self, seed: int = 0) -> dict:
+        """``gaussian-latent``: one Gaussian fitted to the training fields' latents (the learned strategy's
+        autoencoder), sampled and decoded. The trivial prior over the same latents: a NefGPT that does not beat
+        it has learned no more than their mean and covariance."""
+        from .data.metadata import weights_tensor
+        from .tokenization.learned import NefAutoencoder
+
+        autoencoder = NefAutoencoder.from_pretrained(self.tokenize("learned") / "tokenizer").to(self.device)
+        weights = latent_gaussian_weights(autoencoder, weights_tensor(self.fit()), len(self.split()[1]), seed)
+        return self.evaluate_weights(weights, "gaussian-latent")
+
     def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
         """``oracle-train`` (training fields as the generator, as many as test items), ``noisy-train`` (training
         weights plus ``noise_scale`` x per-parameter std of noise) and ``gaussian`` (one Gaussian in weight space)."""
@@ -699,5 +721,5 @@ def save_loss_figure(run: Run, strategy: str, path: str | Path) -> Path:
 
 
 __all__ = ["RunConfig", "Run", "RunMismatchError", "check_output_folder", "gaussian_weights", "metrics_table",
-           "noisy_weights", "real_images", "real_point_clouds", "render_items", "save_loss_figure",
+           "latent_gaussian_weights", "noisy_weights", "real_images", "real_point_clouds", "render_items", "save_loss_figure",
            "save_samples_figure", "split_indices", "subset_source"]

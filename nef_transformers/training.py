@@ -427,9 +427,10 @@ def describe_differences(saved: dict, current: dict, prefix: str = "") -> list[s
 
 # ------------------------------------------------------------------------------------------------ model card
 BASE_CARD_TAGS = ("nef_transformers", "nef_gpt", "neural-fields", "weight-space")
-# Rows of a metrics file that are not a trained generator (`nef_transformers.experiment.Run.baseline_rows`): the
-# training fields themselves (the ceiling), training weights plus noise, and a Gaussian in weight space.
-BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian")
+# Rows of a metrics file that are not a trained generator (`nef_transformers.experiment.Run`): the training fields
+# themselves (the ceiling), training weights plus noise, a Gaussian in weight space, the training fields through the
+# learned strategy's autoencoder (its ceiling) and a Gaussian over that autoencoder's latents.
+BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian", "autoencoder-train", "gaussian-latent")
 ORACLE_ROW = "oracle-train"
 # (key in a metrics row, model-index type, model-index name, format in the card's table)
 CARD_METRICS = (

@@ -12,6 +12,7 @@ from nef_transformers.experiment import (
     RunMismatchError,
     check_output_folder,
     gaussian_weights,
+    latent_gaussian_weights,
     metrics_table,
     noisy_weights,
     split_indices,
@@ -77,6 +78,29 @@ def test_gaussian_baseline_matches_training_moments():
     assert torch.allclose(draws.mean(0), train.mean(0), atol=0.08)
     assert torch.allclose(torch.cov(draws.T), torch.cov(train.T), rtol=0.1, atol=0.1)
     assert torch.equal(draws[:5], gaussian_weights(train, 20000, seed=1)[:5])
+
+
+def test_latent_gaussian_baseline_decodes_the_latents_mean_and_is_seeded():
+    from nef_transformers.fields.spec import SirenSpec
+    from nef_transformers.tokenization.learned import NefAutoencoder, NefAutoencoderConfig
+
+    spec = SirenSpec(in_dim=2, out_dim=1, hidden_dim=8, num_layers=3)
+    torch.manual_seed(0)
+    autoencoder = NefAutoencoder(NefAutoencoderConfig(spec=spec.to_dict(), latent_dim=4, hidden_size=8, num_heads=2),
+                                 torch.randn(spec.num_params) * 0.1).eval()
+    field = torch.randn(1, spec.num_params) * 0.1
+    # one field repeated: the fitted Gaussian has no spread, every draw is that field's latents, decoded
+    draws = latent_gaussian_weights(autoencoder, field.repeat(6, 1), 5, seed=0, batch_size=4)
+    with torch.no_grad():
+        expected = autoencoder.decode(autoencoder.encode(field))
+    assert draws.shape == (5, spec.num_params) and draws.dtype == torch.float32
+    assert torch.allclose(draws, expected.expand(5, -1), atol=1e-6)
+    # distinct fields: distinct draws, the same ones for the same seed, whatever the batch size
+    train = torch.randn(40, spec.num_params) * 0.1
+    first = latent_gaussian_weights(autoencoder, train, 7, seed=3)
+    assert torch.allclose(first, latent_gaussian_weights(autoencoder, train, 7, seed=3, batch_size=5), atol=1e-6)
+    assert not torch.allclose(first, latent_gaussian_weights(autoencoder, train, 7, seed=4))
+    assert torch.cdist(first, first).fill_diagonal_(1.0).min() > 1e-4
 
 
 def test_noisy_baseline_adds_scaled_noise_to_training_rows():
@@ -162,6 +186,10 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     row = run.autoencoder_row()
     assert row["strategy"] == "autoencoder-train" and row["num_samples"] == 8 and row["mmd"] is not None
     assert row["mmd"] != oracle["mmd"]  # decoded fields differ from the training fields themselves
+    # the trivial prior over the same latents: one Gaussian, decoded, as many samples as test items
+    gaussian = run.latent_gaussian_row()
+    assert gaussian["strategy"] == "gaussian-latent" and gaussian["num_samples"] == 8
+    assert gaussian["mmd"] is not None and gaussian["mmd"] != row["mmd"]
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
     # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"
