@@ -721,5 +721,5 @@ def save_loss_figure(run: Run, strategy: str, path: str | Path) -> Path:
 
 
 __all__ = ["RunConfig", "Run", "RunMismatchError", "check_output_folder", "gaussian_weights", "metrics_table",
-           "latent_gaussian_weights", "noisy_weights", "real_images", "real_point_clouds", "render_items", "save_loss_figure",
-           "save_samples_figure", "split_indices", "subset_source"]
+           "latent_gaussian_weights", "noisy_weights", "real_images", "real_point_clouds", "render_items",
+           "save_loss_figure", "save_samples_figure", "split_indices", "subset_source"]
