@@ -582,12 +582,16 @@ class Run:
         rows = torch.randperm(len(train_weights), generator=torch.Generator().manual_seed(seed))[:len(self.split()[1])]
         return train_weights[rows]
 
+    def _autoencoder(self):
+        """The learned strategy's trained `NefAutoencoder` (tokenizing first if needed), on the run's device."""
+        from .tokenization.learned import NefAutoencoder
+
+        return NefAutoencoder.from_pretrained(self.tokenize("learned") / "tokenizer").to(self.device)
+
     def autoencoder_row(self, seed: int = 0) -> dict:
         """``autoencoder-train``: the oracle's training fields passed through the learned strategy's autoencoder
         (encode -> decode). The ceiling of any prior over its latents: a perfect NefGPT would score this."""
-        from .tokenization.learned import NefAutoencoder
-
-        autoencoder = NefAutoencoder.from_pretrained(self.tokenize("learned") / "tokenizer").to(self.device)
+        autoencoder = self._autoencoder()
         oracle = self._oracle_weights(seed)
         with torch.no_grad():
             decoded = torch.cat([autoencoder(part.to(self.device))[0].cpu() for part in oracle.split(256)])
@@ -598,10 +602,8 @@ class Run:
         autoencoder), sampled and decoded. The trivial prior over the same latents: a NefGPT that does not beat
         it has learned no more than their mean and covariance."""
         from .data.metadata import weights_tensor
-        from .tokenization.learned import NefAutoencoder
 
-        autoencoder = NefAutoencoder.from_pretrained(self.tokenize("learned") / "tokenizer").to(self.device)
-        weights = latent_gaussian_weights(autoencoder, weights_tensor(self.fit()), len(self.split()[1]), seed)
+        weights = latent_gaussian_weights(self._autoencoder(), weights_tensor(self.fit()), len(self.split()[1]), seed)
         return self.evaluate_weights(weights, "gaussian-latent")
 
     def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
