@@ -67,7 +67,9 @@ LOCAL_ONLY = ("checkpoints", "logs")  # sub-folders of --output_dir that are nev
 # Arguments that change the optimisation trajectory: resuming with other values is refused.
 TRAJECTORY_ARGS = ("head", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                    "weight_decay", "adam_beta1", "adam_beta2", "lr_warmup_steps", "max_grad_norm", "seed",
-                   "validation_split", "class_conditional", "chunk_noise")
+                   "validation_split", "class_conditional", "chunk_noise", "mixup_neighbours", "mixup_max")
+# what a checkpoint written before an option existed was trained with
+TRAJECTORY_DEFAULTS = {"chunk_noise": 0.0, "mixup_neighbours": 0, "mixup_max": 0.5}
 
 logger = logging.getLogger("train")
 
@@ -133,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="regression head only: Gaussian noise added to the training chunks each step, this many "
                             "times each (position, entry)'s std over the training set (data augmentation for a few "
                             "hundred fields); validation sees the chunks as they are")
+    model.add_argument("--mixup_neighbours", type=_non_negative_int, default=0,
+                       help="regression head only: each training step replaces every sequence by a random point "
+                            "between it and one of its K nearest training sequences (L2 over the chunks; within its "
+                            "class with --class_conditional); 0: off")
+    model.add_argument("--mixup_max", type=_fraction, default=0.5,
+                       help="with --mixup_neighbours: the neighbour's share is drawn uniformly from [0, this]")
 
     train = parser.add_argument_group("optimisation")
     train.add_argument("--per_device_train_batch_size", type=_positive_int, default=32)
@@ -237,6 +245,41 @@ def to_tensors(dataset, column: str, class_conditional: bool):
         raise ValueError(f"column '{column}' has shape {tuple(values.shape)}; expected {expected_ndim} dimensions")
     labels = table["label"].long() if class_conditional else None
     return values, labels
+
+
+def nearest_neighbours(values, labels, k: int, block: int = 1024):
+    """Each sequence's `k` nearest other sequences (L2 over the flattened values), within its own class when
+    `labels` is given: a (len(values), k) index tensor, nearest first."""
+    import torch
+
+    flat = values.reshape(len(values), -1).float()
+    if labels is not None:
+        classes, counts = labels.unique(return_counts=True)
+        if counts.min() <= k:
+            small = classes[counts.argmin()].item()
+            raise ValueError(f"--mixup_neighbours {k}: class {small} has only {counts.min().item()} training "
+                             f"sequences; every class needs more than {k}")
+    elif len(flat) <= k:
+        raise ValueError(f"--mixup_neighbours {k} needs more than {k} training sequences, got {len(flat)}")
+    found = []
+    for start in range(0, len(flat), block):
+        dist = torch.cdist(flat[start:start + block], flat)
+        rows = torch.arange(start, min(start + block, len(flat)))
+        dist[rows - start, rows] = float("inf")  # not its own neighbour
+        if labels is not None:
+            dist[labels[rows, None] != labels[None, :]] = float("inf")
+        found.append(dist.topk(k, dim=1, largest=False).indices)
+    return torch.cat(found)
+
+
+def mix_with_neighbours(values, index, train_values, neighbours, mixup_max: float):
+    """`values` (the training sequences `index`) moved towards one random neighbour each by a share drawn
+    uniformly from [0, mixup_max] (torch's global generator, like the chunk noise)."""
+    import torch
+
+    pick = neighbours[index, torch.randint(neighbours.shape[1], (len(index),), device=neighbours.device)]
+    share = torch.rand(len(index), *([1] * (values.ndim - 1)), device=values.device) * mixup_max
+    return values + share * (train_values[pick] - values)
 
 
 def detect_head(dataset, head: str) -> str:
@@ -430,7 +473,7 @@ BASE_CARD_TAGS = ("nef_transformers", "nef_gpt", "neural-fields", "weight-space"
 # Rows of a metrics file that are not a trained generator (`nef_transformers.experiment.Run`): the training fields
 # themselves (the ceiling), training weights plus noise, a Gaussian in weight space, the training fields through the
 # learned strategy's autoencoder (its ceiling) and a Gaussian over that autoencoder's latents.
-BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian", "autoencoder-train", "gaussian-latent")
+BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian", "autoencoder-train", "gaussian-latent", "noisy-latent")
 ORACLE_ROW = "oracle-train"
 # (key in a metrics row, model-index type, model-index name, format in the card's table)
 CARD_METRICS = (
@@ -695,16 +738,23 @@ def main(argv: list[str] | None = None) -> dict:
                 type(model).__name__, model.num_parameters() / 1e6, len(train_values),
                 0 if val_values is None else len(val_values), config.sequence_length, accelerator.num_processes)
 
-    def make_dataset(values, labels):
-        return TensorDataset(values) if labels is None else TensorDataset(values, labels)
+    def make_dataset(values, labels, indexed=False):
+        # the training set also yields each sequence's index (the mixup looks up its neighbours)
+        extra = [torch.arange(len(values))] if indexed else []
+        return TensorDataset(values, *([] if labels is None else [labels]), *extra)
 
     if args.chunk_noise and head == "causal_lm":
         raise ValueError("--chunk_noise is for continuous chunks (the regression head); token ids take no noise")
     # per (position, entry) std of the training chunks; 0 where a chunk is padded, so padding stays 0
     noise_scale = args.chunk_noise * train_values.float().std(0) if args.chunk_noise else None
+    if args.mixup_neighbours and head == "causal_lm":
+        raise ValueError("--mixup_neighbours is for continuous chunks (the regression head); token ids cannot be mixed")
+    neighbours = (nearest_neighbours(train_values, train_labels, args.mixup_neighbours).to(accelerator.device)
+                  if args.mixup_neighbours else None)
+    mixup_pool = train_values.to(accelerator.device) if neighbours is not None else None
 
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(make_dataset(train_values, train_labels), batch_size=args.per_device_train_batch_size,
+    train_loader = DataLoader(make_dataset(train_values, train_labels, indexed=neighbours is not None), batch_size=args.per_device_train_batch_size,
                               shuffle=True, generator=generator)
     val_loader = (DataLoader(make_dataset(val_values, val_labels), batch_size=args.per_device_eval_batch_size)
                   if val_values is not None else None)
@@ -733,8 +783,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(args.resume_from_checkpoint, output_dir)
         state = json.loads((checkpoint / STATE_FILE).read_text())
-        # checkpoints written before --chunk_noise existed were trained without it
-        saved = {"chunk_noise": 0.0, **state["signature"]}
+        saved = {**TRAJECTORY_DEFAULTS, **state["signature"]}
         differences = describe_differences(saved, json.loads(json.dumps(signature)))
         if differences:
             raise ValueError(f"cannot resume from {checkpoint}: the run differs from the one that wrote it ("
@@ -751,9 +800,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def forward(batch, model):
         values = batch[0]
-        class_labels = batch[1] if len(batch) > 1 else None
+        class_labels = batch[1] if args.class_conditional else None
         if head == "causal_lm":
             return model(input_ids=values, labels=values, class_labels=class_labels, use_cache=False)
+        if neighbours is not None and model.training:
+            values = mix_with_neighbours(values, batch[-1], mixup_pool, neighbours, args.mixup_max)
         if noise_scale is not None and model.training:
             values = values + noise_scale.to(values.device) * torch.randn_like(values)
         return model(labels=values, class_labels=class_labels, use_cache=False)
@@ -858,7 +909,8 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"completed_steps": completed_steps, "max_train_steps": max_train_steps,
                "world_size": accelerator.num_processes, "resumed_from": resumed_from, "head": head,
                "num_parameters": accelerator.unwrap_model(model).num_parameters(), "finished": False,
-               "chunk_noise": args.chunk_noise, "log_history": history}
+               "chunk_noise": args.chunk_noise, "mixup_neighbours": args.mixup_neighbours,
+               "mixup_max": args.mixup_max, "log_history": history}
     if completed_steps < max_train_steps:
         logger.info("stopped after step %d of %d (--stop_after_steps); resume with --resume_from_checkpoint latest",
                     completed_steps, max_train_steps)

@@ -203,6 +203,66 @@ def test_chunk_noise_perturbs_the_training_chunks_only(train, data, tmp_path, mo
         train.main(ids_args(data, tmp_path / "ids", "--chunk_noise", "-1"))
 
 
+def test_nearest_neighbours_match_brute_force_in_blocks_and_within_classes():
+    import numpy as np
+
+    from nef_transformers.training import nearest_neighbours
+
+    values = torch.randn(23, 3, 2, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(23) % 2
+    flat = values.flatten(1).numpy()
+    dist = ((flat[:, None] - flat[None]) ** 2).sum(-1)
+    np.fill_diagonal(dist, np.inf)
+    assert torch.equal(nearest_neighbours(values, None, 4, block=5), torch.from_numpy(dist.argsort(1)[:, :4]))
+    dist[labels.numpy()[:, None] != labels.numpy()[None]] = np.inf
+    found = nearest_neighbours(values, labels, 3, block=7)
+    assert torch.equal(found, torch.from_numpy(dist.argsort(1)[:, :3]))
+    assert (labels[found] == labels[:, None]).all()
+    with pytest.raises(ValueError, match="class 1 has only 11 training sequences; every class needs more than 11"):
+        nearest_neighbours(values, labels, 11)
+    with pytest.raises(ValueError, match="needs more than 23 training sequences, got 23"):
+        nearest_neighbours(values, None, 23)
+
+
+def test_mixup_moves_each_training_sequence_towards_one_of_its_neighbours(train, data, tmp_path, monkeypatch):
+    from datasets import load_from_disk
+
+    from nef_transformers.models.nef_gpt import NefGPTForWeightRegression
+    from nef_transformers.training import nearest_neighbours
+
+    seen = []
+    original = NefGPTForWeightRegression.forward
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.training, kwargs["labels"].detach().clone()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NefGPTForWeightRegression, "forward", recording)
+    summary = train.main(["--dataset", str(data / "chunks"), "--tokenizer", str(data / "chunker"),
+                          "--output_dir", str(tmp_path), *TINY, "--max_train_steps", "10",
+                          "--mixup_neighbours", "2", "--mixup_max", "0.4", "--validation_split", "0.1"])
+    assert (summary["mixup_neighbours"], summary["mixup_max"]) == (2, 0.4)
+    rows = torch.tensor(load_from_disk(str(data / "chunks"))["chunks"]).float().flatten(1)  # (40, 25)
+    evaluated = torch.cat([labels for training, labels in seen if not training]).flatten(1)
+    validation = torch.cdist(evaluated, rows).min(1).values
+    assert len(evaluated) and (validation < 1e-5).all()  # validation: the chunks as they are
+    train_rows = rows[torch.cdist(rows, evaluated).min(1).values > 1e-5]  # the 36 the model trained on
+    neighbours = nearest_neighbours(train_rows, None, 2)
+    shares = []
+    for mixed in torch.cat([labels for training, labels in seen if training]).flatten(1):
+        # the share s and the residual of mixed = row + s (neighbour - row), for every row and its 2 neighbours
+        direction = train_rows[neighbours] - train_rows[:, None]  # (36, 2, 25)
+        share = ((mixed - train_rows)[:, None] * direction).sum(-1) / direction.pow(2).sum(-1)
+        residual = (train_rows[:, None] + share[..., None] * direction - mixed).norm(dim=-1)
+        on_segment = residual.flatten() < 1e-4
+        assert on_segment.any()
+        shares.append(share.flatten()[on_segment].min())  # a mutual pair reads s from one end, 1 - s from the other
+    shares = torch.stack(shares)
+    assert len(shares) == 2 * 36 and shares.min() >= 0 and shares.max() <= 0.4 and shares.max() > 0.2
+    with pytest.raises(ValueError, match="--mixup_neighbours is for continuous chunks"):
+        train.main(ids_args(data, tmp_path / "ids", "--max_train_steps", "1", "--mixup_neighbours", "2"))
+
+
 def test_bad_datasets_raise_clear_errors(train, data, tmp_path):
     with pytest.raises(ValueError, match=r"train split: input_ids hold ids in \[1, 21\] but the model's vocabulary is \[0, 16\)"):
         train.main(["--dataset", str(data / "ids_other_vocab"), "--tokenizer", str(data / "tokenizer"),
