@@ -10,7 +10,9 @@ mixture components). In the same run: ``oracle-train`` (training
 fields as the generator: the i.i.d. ceiling), ``noisy-train`` (training weights plus noise), ``gaussian`` (a
 Gaussian fitted in weight space) and, with the learned strategy, ``autoencoder-train`` (the oracle's training
 fields through its autoencoder: what a perfect prior over the latents would score) and ``gaussian-latent`` (one
-Gaussian fitted to the training fields' latents, decoded: the trivial prior NefGPT has to beat). Every row: MMD, COV,
+Gaussian fitted to the training fields' latents, decoded: the trivial prior NefGPT has to beat) and ``noisy-latent``
+(training fields with noise on their latents, decoded: jittered copies, what the metrics give a generator that
+learned nothing but the training set). Every row: MMD, COV,
 1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split, the memorisation ratio (median nearest-training
 distance of samples / of held-out real items) and, for labelled images, the share of samples the classifier
 recognises with confidence >= 0.9 and the spread over classes.
@@ -69,6 +71,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
+    parser.add_argument("--latent-noise-scale", type=float, default=0.3,
+                        help="noisy-latent: noise std / each latent entry's std")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
@@ -109,9 +113,10 @@ def main(argv=None) -> list[dict]:
         run.config.max_train_steps = args.vq_steps if strategy == "vq" else None
         run.train(strategy, ["--per_device_train_batch_size", str(args.vq_batch_size)] if strategy == "vq" else ())
         timings[f"train_{strategy}"] = time.perf_counter() - t0
-        if strategy == "learned":  # the ceiling of the prior (training fields through the autoencoder) and the
-            rows.append(run.autoencoder_row())  # trivial prior over the same latents (one Gaussian)
+        if strategy == "learned":  # the ceiling of the prior (training fields through the autoencoder), the
+            rows.append(run.autoencoder_row())  # trivial prior over the same latents (one Gaussian) and jittered copies
             rows.append(run.latent_gaussian_row())
+            rows.append(run.latent_noisy_row(noise_scale=args.latent_noise_scale))
         best = None
         for top_k in args.top_k:
             for temperature in args.temperature:

@@ -296,14 +296,28 @@ def gaussian_weights(train_weights: torch.Tensor, count: int, seed: int) -> torc
 
 
 @torch.no_grad()
+def _in_latent_space(autoencoder, train_weights: torch.Tensor, draw, batch_size: int) -> torch.Tensor:
+    """Encode ``train_weights``, ``draw(flat_latents)`` new flat latents, decode them (float32 CPU weights)."""
+    device = autoencoder.scale.device
+    latents = torch.cat([autoencoder.encode(part.to(device).float()).cpu() for part in train_weights.split(batch_size)])
+    draws = draw(latents.flatten(1))
+    draws = draws.view(len(draws), *latents.shape[1:])
+    return torch.cat([autoencoder.decode(part.to(device)).float().cpu() for part in draws.split(batch_size)])
+
+
 def latent_gaussian_weights(autoencoder, train_weights: torch.Tensor, count: int, seed: int,
                             batch_size: int = 256) -> torch.Tensor:
     """``count`` fields decoded from one Gaussian fitted to the ``autoencoder``'s latents of ``train_weights``
     (`gaussian_weights` over the flattened ``(t, latent_dim)`` latents), as float32 CPU weights."""
-    device = autoencoder.scale.device
-    latents = torch.cat([autoencoder.encode(part.to(device).float()).cpu() for part in train_weights.split(batch_size)])
-    draws = gaussian_weights(latents.flatten(1), count, seed).view(count, *latents.shape[1:])
-    return torch.cat([autoencoder.decode(part.to(device)).float().cpu() for part in draws.split(batch_size)])
+    return _in_latent_space(autoencoder, train_weights, lambda flat: gaussian_weights(flat, count, seed), batch_size)
+
+
+def latent_noisy_weights(autoencoder, train_weights: torch.Tensor, count: int, scale: float, seed: int,
+                         batch_size: int = 256) -> torch.Tensor:
+    """``count`` training fields whose ``autoencoder`` latents get noise of ``scale`` x each latent entry's std
+    (`noisy_weights` over the flattened latents), decoded: near copies of training fields, as float32 CPU weights."""
+    return _in_latent_space(autoencoder, train_weights, lambda flat: noisy_weights(flat, count, scale, seed),
+                            batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -605,6 +619,16 @@ class Run:
 
         weights = latent_gaussian_weights(self._autoencoder(), weights_tensor(self.fit()), len(self.split()[1]), seed)
         return self.evaluate_weights(weights, "gaussian-latent")
+
+    def latent_noisy_row(self, seed: int = 0, noise_scale: float = 0.3) -> dict:
+        """``noisy-latent``: training fields with noise of ``noise_scale`` x each latent entry's std added to their
+        latents (the learned strategy's autoencoder), decoded. Perturbed copies: what the metrics and the
+        memorisation check give a generator that only jitters the training set."""
+        from .data.metadata import weights_tensor
+
+        weights = latent_noisy_weights(self._autoencoder(), weights_tensor(self.fit()), len(self.split()[1]),
+                                       noise_scale, seed)
+        return self.evaluate_weights(weights, "noisy-latent", {"noise_scale": noise_scale})
 
     def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
         """``oracle-train`` (training fields as the generator, as many as test items), ``noisy-train`` (training

@@ -190,6 +190,12 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     gaussian = run.latent_gaussian_row()
     assert gaussian["strategy"] == "gaussian-latent" and gaussian["num_samples"] == 8
     assert gaussian["mmd"] is not None and gaussian["mmd"] != row["mmd"]
+    # jittered copies: without noise they are the ceiling's fields exactly (same seeded rows, encode -> decode)
+    copies = run.latent_noisy_row(noise_scale=0.0)
+    assert copies["strategy"] == "noisy-latent" and copies["noise_scale"] == 0.0
+    assert copies["mmd"] == pytest.approx(row["mmd"], rel=1e-5) and copies["one_nna"] == row["one_nna"]
+    jittered = run.latent_noisy_row(noise_scale=0.3)
+    assert jittered["num_samples"] == 8 and jittered["mmd"] != row["mmd"]
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
     # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"
