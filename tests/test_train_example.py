@@ -167,19 +167,25 @@ def test_regression_head_trains_on_chunks(train, data, tmp_path):
     assert chunker.from_chunks(samples).shape == (2, chunker.spec.num_params)
 
 
-def test_chunk_noise_perturbs_the_training_chunks_only(train, data, tmp_path, monkeypatch):
-    from datasets import load_from_disk
-
+@pytest.fixture
+def seen(monkeypatch):
+    """(training?, labels) of every NefGPTForWeightRegression forward call: what the model was really shown."""
     from nef_transformers.models.nef_gpt import NefGPTForWeightRegression
 
-    seen = []
+    calls = []
     original = NefGPTForWeightRegression.forward
 
     def recording(self, *args, **kwargs):
-        seen.append((self.training, kwargs["labels"].detach().clone()))
+        calls.append((self.training, kwargs["labels"].detach().clone()))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(NefGPTForWeightRegression, "forward", recording)
+    return calls
+
+
+def test_chunk_noise_perturbs_the_training_chunks_only(train, data, tmp_path, seen):
+    from datasets import load_from_disk
+
     summary = train.main(["--dataset", str(data / "chunks"), "--tokenizer", str(data / "chunker"),
                           "--output_dir", str(tmp_path), *TINY, "--max_train_steps", "20", "--chunk_noise", "0.5"])
     assert summary["chunk_noise"] == 0.5
@@ -224,20 +230,11 @@ def test_nearest_neighbours_match_brute_force_in_blocks_and_within_classes():
         nearest_neighbours(values, None, 23)
 
 
-def test_mixup_moves_each_training_sequence_towards_one_of_its_neighbours(train, data, tmp_path, monkeypatch):
+def test_mixup_moves_each_training_sequence_towards_one_of_its_neighbours(train, data, tmp_path, seen):
     from datasets import load_from_disk
 
-    from nef_transformers.models.nef_gpt import NefGPTForWeightRegression
     from nef_transformers.training import nearest_neighbours
 
-    seen = []
-    original = NefGPTForWeightRegression.forward
-
-    def recording(self, *args, **kwargs):
-        seen.append((self.training, kwargs["labels"].detach().clone()))
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(NefGPTForWeightRegression, "forward", recording)
     summary = train.main(["--dataset", str(data / "chunks"), "--tokenizer", str(data / "chunker"),
                           "--output_dir", str(tmp_path), *TINY, "--max_train_steps", "10",
                           "--mixup_neighbours", "2", "--mixup_max", "0.4", "--validation_split", "0.1"])
