@@ -472,7 +472,8 @@ def describe_differences(saved: dict, current: dict, prefix: str = "") -> list[s
 BASE_CARD_TAGS = ("nef_transformers", "nef_gpt", "neural-fields", "weight-space")
 # Rows of a metrics file that are not a trained generator (`nef_transformers.experiment.Run`): the training fields
 # themselves (the ceiling), training weights plus noise, a Gaussian in weight space, the training fields through the
-# learned strategy's autoencoder (its ceiling) and a Gaussian over that autoencoder's latents.
+# learned strategy's autoencoder (its ceiling), a Gaussian over that autoencoder's latents and training fields with
+# noise on those latents.
 BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian", "autoencoder-train", "gaussian-latent", "noisy-latent")
 ORACLE_ROW = "oracle-train"
 # (key in a metrics row, model-index type, model-index name, format in the card's table)
@@ -754,8 +755,8 @@ def main(argv: list[str] | None = None) -> dict:
     mixup_pool = train_values.to(accelerator.device) if neighbours is not None else None
 
     generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(make_dataset(train_values, train_labels, indexed=neighbours is not None), batch_size=args.per_device_train_batch_size,
-                              shuffle=True, generator=generator)
+    train_loader = DataLoader(make_dataset(train_values, train_labels, indexed=neighbours is not None),
+                              batch_size=args.per_device_train_batch_size, shuffle=True, generator=generator)
     val_loader = (DataLoader(make_dataset(val_values, val_labels), batch_size=args.per_device_eval_batch_size)
                   if val_values is not None else None)
 

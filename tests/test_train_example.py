@@ -104,13 +104,15 @@ def test_interrupted_run_resumes_without_lost_steps(train, data, tmp_path):
                    + ["--hidden_size", "64"])
 
 
-def test_checkpoint_from_before_chunk_noise_resumes(train, data, tmp_path):
-    # checkpoints written before --chunk_noise existed have no such key in their signature: trained without noise
+def test_checkpoint_from_before_chunk_noise_and_mixup_resumes(train, data, tmp_path):
+    # checkpoints written before --chunk_noise / --mixup_* existed have no such keys in their signature: trained
+    # without noise and without mixup
     common = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
     train.main(ids_args(data, tmp_path, *common, "--stop_after_steps", "2"))
     (state_file,) = (tmp_path / "checkpoints").glob("step_2/nef_training_state.json")
     state = json.loads(state_file.read_text())
     assert state["signature"].pop("chunk_noise") == 0.0
+    assert (state["signature"].pop("mixup_neighbours"), state["signature"].pop("mixup_max")) == (0, 0.5)
     state_file.write_text(json.dumps(state))
     resumed = train.main(ids_args(data, tmp_path, *common, "--resume_from_checkpoint", "latest"))
     assert resumed["finished"] and resumed["resumed_from"].endswith("step_2")
