@@ -296,28 +296,46 @@ def gaussian_weights(train_weights: torch.Tensor, count: int, seed: int) -> torc
 
 
 @torch.no_grad()
-def _in_latent_space(autoencoder, train_weights: torch.Tensor, draw, batch_size: int) -> torch.Tensor:
-    """Encode ``train_weights``, ``draw(flat_latents)`` new flat latents, decode them (float32 CPU weights)."""
+def _in_latent_space(autoencoder, train_weights: torch.Tensor, draw, batch_size: int, return_latents: bool):
+    """Encode ``train_weights``, ``draw(flat_latents)`` new flat latents, decode them (float32 CPU weights; with
+    ``return_latents``, ``(weights, drawn latents)``)."""
     device = autoencoder.scale.device
     latents = torch.cat([autoencoder.encode(part.to(device).float()).cpu() for part in train_weights.split(batch_size)])
     draws = draw(latents.flatten(1))
     draws = draws.view(len(draws), *latents.shape[1:])
-    return torch.cat([autoencoder.decode(part.to(device)).float().cpu() for part in draws.split(batch_size)])
+    weights = torch.cat([autoencoder.decode(part.to(device)).float().cpu() for part in draws.split(batch_size)])
+    return (weights, draws) if return_latents else weights
 
 
 def latent_gaussian_weights(autoencoder, train_weights: torch.Tensor, count: int, seed: int,
-                            batch_size: int = 256) -> torch.Tensor:
+                            batch_size: int = 256, return_latents: bool = False):
     """``count`` fields decoded from one Gaussian fitted to the ``autoencoder``'s latents of ``train_weights``
-    (`gaussian_weights` over the flattened ``(t, latent_dim)`` latents), as float32 CPU weights."""
-    return _in_latent_space(autoencoder, train_weights, lambda flat: gaussian_weights(flat, count, seed), batch_size)
+    (`gaussian_weights` over the flattened ``(t, latent_dim)`` latents), as float32 CPU weights (with
+    ``return_latents``, ``(weights, latents)``)."""
+    return _in_latent_space(autoencoder, train_weights, lambda flat: gaussian_weights(flat, count, seed), batch_size,
+                            return_latents)
 
 
 def latent_noisy_weights(autoencoder, train_weights: torch.Tensor, count: int, scale: float, seed: int,
-                         batch_size: int = 256) -> torch.Tensor:
+                         batch_size: int = 256, return_latents: bool = False):
     """``count`` training fields whose ``autoencoder`` latents get noise of ``scale`` x each latent entry's std
-    (`noisy_weights` over the flattened latents), decoded: near copies of training fields, as float32 CPU weights."""
+    (`noisy_weights` over the flattened latents), decoded: near copies of training fields, as float32 CPU weights
+    (with ``return_latents``, ``(weights, latents)``)."""
     return _in_latent_space(autoencoder, train_weights, lambda flat: noisy_weights(flat, count, scale, seed),
-                            batch_size)
+                            batch_size, return_latents)
+
+
+def nearest_distances(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = False, block: int = 2048) -> np.ndarray:
+    """Each row of ``a``'s L2 distance to its nearest row of ``b`` (``b`` is ``a`` and row i not its own neighbour
+    with ``exclude_self``), in blocks of ``block`` rows: ``(len(a),)``."""
+    found = []
+    for start in range(0, len(a), block):
+        distances = torch.cdist(a[start:start + block], b)
+        if exclude_self:
+            rows = torch.arange(len(distances))
+            distances[rows, rows + start] = float("inf")
+        found.append(distances.min(1).values)
+    return torch.cat(found).numpy()
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -340,6 +358,7 @@ class Run:
         self._source = None
         self._split = None
         self._fields = None
+        self._train_latents = None  # the training fields' autoencoder latents (`latent_nn_ratio`)
 
     # -------------------------------------------------------------------------------------- data
     @property
@@ -527,8 +546,9 @@ class Run:
         return model_dir
 
     def sample(self, strategy: str | None = None, top_k: int | None = None, temperature: float = 1.0,
-               num_samples: int | None = None, seed: int = 0) -> torch.Tensor:
-        """Generated weights ``(num_samples, p)`` (default: as many as test items), cached per setting."""
+               num_samples: int | None = None, seed: int = 0, return_sequences: bool = False):
+        """Generated weights ``(num_samples, p)`` (default: as many as test items), cached per setting; with
+        ``return_sequences``, ``(weights, sequences)``: also what NefGPT sampled (the learned strategy's latents)."""
         from safetensors.torch import load_file, save_file
 
         from .pipelines.neural_field_generation import generate_weights, load_generation_folder
@@ -538,21 +558,25 @@ class Run:
         folder = self.strategy_dir(strategy) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"k{top_k or 0}_t{temperature:g}_n{num_samples}_s{seed}.safetensors"
-        if path.is_file():
-            return load_file(path)["weights"]
-        model_dir = self.train(strategy)
-        model, tokenization = load_generation_folder(model_dir)
-        model.to(self.device).eval()
-        weights = generate_weights(model, tokenization, num_samples, top_k=top_k, temperature=temperature,
-                                   seed=seed, progress=self.progress)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"weights": weights.contiguous()}, str(tmp))
-        os.replace(tmp, path)
-        return weights
+        cached = load_file(path) if path.is_file() else {}
+        if "weights" not in cached or (return_sequences and "sequences" not in cached):  # older files: weights only
+            model_dir = self.train(strategy)
+            model, tokenization = load_generation_folder(model_dir)
+            model.to(self.device).eval()
+            weights, sequences = generate_weights(model, tokenization, num_samples, top_k=top_k,
+                                                  temperature=temperature, seed=seed, progress=self.progress,
+                                                  return_sequences=True)
+            cached = {"weights": weights.contiguous(), "sequences": sequences.contiguous()}
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(cached, str(tmp))
+            os.replace(tmp, path)
+        return (cached["weights"], cached["sequences"]) if return_sequences else cached["weights"]
 
     # -------------------------------------------------------------------------------------- evaluation
-    def evaluate_weights(self, weights: torch.Tensor, name: str, extra: dict | None = None) -> dict:
-        """Metrics of generated weights against the held-out test items (one row of the results table)."""
+    def evaluate_weights(self, weights: torch.Tensor, name: str, extra: dict | None = None,
+                         latents: torch.Tensor | None = None) -> dict:
+        """Metrics of generated weights against the held-out test items (one row of the results table); with the
+        ``latents`` they were decoded from (learned strategy), also their `latent_nn_ratio`."""
         from .data.metadata import get_source_info, get_spec
         from .metrics import generation_metrics
 
@@ -560,7 +584,8 @@ class Run:
         spec, source_info = get_spec(dataset), get_source_info(dataset)
         items, valid = render_items(self.source.kind, spec, weights, source_info, self.device, progress=self.progress)
         references, train_items = self.reference("test"), self.reference("train")
-        row = {"strategy": name, **(extra or {}), "num_samples": len(weights), "invalid": int((~valid).sum())}
+        row = {"strategy": name, **(extra or {}), "num_samples": len(weights), "invalid": int((~valid).sum()),
+               "latent_nn_ratio": None if latents is None else self.latent_nn_ratio(latents)}
         kept = [item for item in items if item is not None]
         if len(kept) < 2:
             logger.warning("%s: only %d of %d samples render; no metrics", name, len(kept), len(weights))
@@ -588,6 +613,41 @@ class Run:
             row["class_counts"] = counts.tolist()
         return row
 
+    @torch.no_grad()
+    def _training_latents(self) -> torch.Tensor:
+        """The training fields' latents under the learned strategy's autoencoder, ``(n, t, latent_dim)`` float32."""
+        if self._train_latents is None:
+            from .data.metadata import weights_tensor
+
+            autoencoder = self._autoencoder()
+            self._train_latents = torch.cat([autoencoder.encode(part.to(self.device).float()).float().cpu()
+                                             for part in weights_tensor(self.fit()).split(256)])
+        return self._train_latents
+
+    def latent_nn_ratio(self, latents: torch.Tensor) -> float:
+        """Copies in the learned strategy's latent space: the median distance from each of ``latents`` (as a
+        generator drew them, before decoding) to the nearest training field's latents, over the training fields'
+        own median distance to their nearest other training field (the memorisation ratio's formula, with the
+        training set, leave-one-out, as the held-out set).
+
+        About 1 for latents as new as the training fields' are to one another; far below 1 for copies, jittered or
+        not, which the memorisation ratio on rendered items can miss (chairs: RESULTS.md, session 8). Re-encoding
+        decoded fields is no substitute: the encoder is not the decoder's inverse away from the training fields.
+        """
+        train = self._training_latents().flatten(1).double()
+        latents = torch.as_tensor(latents).flatten(1).double()
+        if latents.shape[1] != train.shape[1]:
+            raise ValueError(f"latents hold {latents.shape[1]} values per field, the autoencoder's "
+                             f"{train.shape[1]}")
+        if len(train) < 2 or len(latents) == 0:
+            raise ValueError(f"the latent NN ratio needs >= 2 training fields and >= 1 sample, got {len(train)} and "
+                             f"{len(latents)}")
+        among_train = float(np.median(nearest_distances(train, train, exclude_self=True)))
+        if among_train == 0.0:
+            raise ValueError("half or more of the training fields have an identical twin in latent space: the "
+                             "latent NN ratio is undefined")
+        return float(np.median(nearest_distances(latents, train))) / among_train
+
     def _oracle_weights(self, seed: int = 0) -> torch.Tensor:
         """As many training fields as test items (a seeded choice): the oracle generator's samples."""
         from .data.metadata import weights_tensor
@@ -609,7 +669,8 @@ class Run:
         oracle = self._oracle_weights(seed)
         with torch.no_grad():
             decoded = torch.cat([autoencoder(part.to(self.device))[0].cpu() for part in oracle.split(256)])
-        return self.evaluate_weights(decoded, "autoencoder-train")
+            latents = torch.cat([autoencoder.encode(part.to(self.device)).cpu() for part in oracle.split(256)])
+        return self.evaluate_weights(decoded, "autoencoder-train", latents=latents)
 
     def latent_gaussian_row(self, seed: int = 0) -> dict:
         """``gaussian-latent``: one Gaussian fitted to the training fields' latents (the learned strategy's
@@ -617,8 +678,9 @@ class Run:
         it has learned no more than their mean and covariance."""
         from .data.metadata import weights_tensor
 
-        weights = latent_gaussian_weights(self._autoencoder(), weights_tensor(self.fit()), len(self.split()[1]), seed)
-        return self.evaluate_weights(weights, "gaussian-latent")
+        weights, latents = latent_gaussian_weights(self._autoencoder(), weights_tensor(self.fit()),
+                                                   len(self.split()[1]), seed, return_latents=True)
+        return self.evaluate_weights(weights, "gaussian-latent", latents=latents)
 
     def latent_noisy_row(self, seed: int = 0, noise_scale: float = 0.3) -> dict:
         """``noisy-latent``: training fields with noise of ``noise_scale`` x each latent entry's std added to their
@@ -626,9 +688,9 @@ class Run:
         memorisation check give a generator that only jitters the training set."""
         from .data.metadata import weights_tensor
 
-        weights = latent_noisy_weights(self._autoencoder(), weights_tensor(self.fit()), len(self.split()[1]),
-                                       noise_scale, seed)
-        return self.evaluate_weights(weights, "noisy-latent", {"noise_scale": noise_scale})
+        weights, latents = latent_noisy_weights(self._autoencoder(), weights_tensor(self.fit()), len(self.split()[1]),
+                                                noise_scale, seed, return_latents=True)
+        return self.evaluate_weights(weights, "noisy-latent", {"noise_scale": noise_scale}, latents=latents)
 
     def baseline_rows(self, seed: int = 0, noise_scale: float = 0.5) -> list[dict]:
         """``oracle-train`` (training fields as the generator, as many as test items), ``noisy-train`` (training
@@ -651,6 +713,7 @@ class Run:
 METRIC_COLUMNS = (("mmd", "MMD ↓", "{:.4g}"), ("cov", "COV ↑", "{:.1%}"), ("one_nna", "1-NNA (50% best)", "{:.1%}"),
                   ("one_nna_samples", "1-NNA of S / R", "{:.0%}"),
                   ("fd", "Fréchet ↓", "{:.3g}"), ("memorisation_ratio", "mem. ratio", "{:.2f}"),
+                  ("latent_nn_ratio", "latent NN ratio", "{:.2f}"),
                   ("recognised", "recognised", "{:.1%}"), ("class_spread", "class spread", "{:.2f}"))
 
 

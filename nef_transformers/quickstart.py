@@ -113,11 +113,14 @@ def run_quickstart(args) -> dict:
     quality = "psnr" if "psnr" in dataset.column_names else "iou"
     stage("2/5 tokenize", run.tokenize)
     model_dir = stage("3/5 train NefGPT", run.train)
-    weights = stage("4/5 sample", lambda: run.sample(top_k=args.top_k, temperature=args.temperature, seed=args.seed))
+    weights, sequences = stage("4/5 sample", lambda: run.sample(top_k=args.top_k, temperature=args.temperature,
+                                                                seed=args.seed, return_sequences=True))
 
     def evaluate():
+        # the learned strategy samples latents: how near the training fields' they are (`Run.latent_nn_ratio`)
         row = run.evaluate_weights(weights, f"nef_gpt-{args.strategy}",
-                                   {"top_k": args.top_k, "temperature": args.temperature})
+                                   {"top_k": args.top_k, "temperature": args.temperature},
+                                   latents=sequences if args.strategy == "learned" else None)
         return [row, *run.baseline_rows(seed=args.seed)]
 
     rows = stage("5/5 evaluate", evaluate)

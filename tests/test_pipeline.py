@@ -118,6 +118,8 @@ def test_vq_pipeline_equals_generate_weights_and_manual_decoding(lm_folder):
 
     model, tokenizer = load_generation_folder(lm_folder)
     assert torch.equal(weights, generate_weights(model, tokenizer, **options))
+    same, ids = generate_weights(model, tokenizer, **options, return_sequences=True)
+    assert torch.equal(same, weights) and torch.equal(tokenizer.decode_weights(ids), weights)
     # batches of 2, 2, 1 with seeds 7, 8, 9
     manual = torch.cat([
         tokenizer.decode_weights(model.generate(num_return_sequences=n, seed=7 + i, do_sample=True, top_k=3,
@@ -137,8 +139,13 @@ def test_regression_pipeline_equals_generate_weights_and_manual_decoding(regress
     weights = stacked(pipe(output_type="weights", **options))
     model, chunker = load_generation_folder(regression_folder)
     assert torch.equal(weights, generate_weights(model, chunker, **options))
-    manual = chunker.from_chunks(model.sample(3, temperature=0.7, seed=3, top_k=2))
+    chunks = model.sample(3, temperature=0.7, seed=3, top_k=2)
+    manual = chunker.from_chunks(chunks)
     assert torch.equal(weights, manual)
+    # what the model sampled comes back beside the weights, in the same batches and seeds
+    with_sequences, sequences = generate_weights(model, chunker, **options, batch_size=2, return_sequences=True)
+    assert torch.equal(with_sequences, chunker.from_chunks(sequences)) and sequences.shape == chunks.shape
+    assert torch.equal(sequences[:2], model.sample(2, temperature=0.7, seed=3, top_k=2))
     assert torch.equal(weights, stacked(pipe(output_type="weights", **options)))
     assert not torch.equal(weights, stacked(pipe(output_type="weights", **{**options, "seed": 4})))
 

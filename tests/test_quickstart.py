@@ -103,6 +103,18 @@ def test_latent_gaussian_baseline_decodes_the_latents_mean_and_is_seeded():
     assert torch.cdist(first, first).fill_diagonal_(1.0).min() > 1e-4
 
 
+def test_nearest_distances_match_brute_force_in_blocks():
+    from nef_transformers.experiment import nearest_distances
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(11, 5, generator=generator, dtype=torch.float64)
+    b = torch.randn(7, 5, generator=generator, dtype=torch.float64)
+    brute = ((a[:, None] - b[None]) ** 2).sum(-1).sqrt()
+    assert np.allclose(nearest_distances(a, b, block=3), brute.min(1).values.numpy())
+    among = ((a[:, None] - a[None]) ** 2).sum(-1).sqrt().fill_diagonal_(float("inf"))
+    assert np.allclose(nearest_distances(a, a, exclude_self=True, block=4), among.min(1).values.numpy())
+
+
 def test_noisy_baseline_adds_scaled_noise_to_training_rows():
     train = torch.randn(500, 3) * torch.tensor([1.0, 10.0, 0.1])
     noisy = noisy_weights(train, 500, scale=0.5, seed=0)
@@ -144,6 +156,9 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
             assert 0 <= row["cov"] <= 1 and 0 <= row["one_nna"] <= 1
     oracle = summary["rows"][1]
     assert oracle["invalid"] == 0 and oracle["mmd"] is not None
+    # the generator's latents (as sampled) against the training fields' latents; weight-space rows have none
+    ratios = {row["strategy"]: row["latent_nn_ratio"] for row in summary["rows"]}
+    assert ratios["nef_gpt-learned"] > 0.05 and ratios["oracle-train"] is None and ratios["gaussian"] is None
     model, tokenization = load_generation_folder(out / "model")
     assert model.config.field_source["kind"] == "image"
     shards = sorted((out / "fields" / "shards").iterdir())
@@ -190,12 +205,29 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     gaussian = run.latent_gaussian_row()
     assert gaussian["strategy"] == "gaussian-latent" and gaussian["num_samples"] == 8
     assert gaussian["mmd"] is not None and gaussian["mmd"] != row["mmd"]
+    # in latent space the ceiling is the training set itself, the Gaussian is not
+    assert row["latent_nn_ratio"] < 1e-4 and gaussian["latent_nn_ratio"] > 0.3
     # jittered copies: without noise they are the ceiling's fields exactly (same seeded rows, encode -> decode)
     copies = run.latent_noisy_row(noise_scale=0.0)
     assert copies["strategy"] == "noisy-latent" and copies["noise_scale"] == 0.0
     assert copies["mmd"] == pytest.approx(row["mmd"], rel=1e-5) and copies["one_nna"] == row["one_nna"]
     jittered = run.latent_noisy_row(noise_scale=0.3)
     assert jittered["num_samples"] == 8 and jittered["mmd"] != row["mmd"]
+    assert copies["latent_nn_ratio"] < 1e-4 < jittered["latent_nn_ratio"] < gaussian["latent_nn_ratio"]
+    with pytest.raises(ValueError, match="latents hold 3 values per field, the autoencoder's"):
+        run.latent_nn_ratio(torch.zeros(2, 3))
+    # a samples file from before the sequences were kept: sampled again (same seed, same weights), then kept
+    from safetensors.torch import load_file, save_file
+
+    (samples_file,) = (out / "learned" / "samples").glob("*.safetensors")
+    top_k, temperature, num, seed = (part[1:] for part in samples_file.stem.split("_"))  # k3_t0.5_n8_s0
+    saved = load_file(samples_file)
+    save_file({"weights": saved["weights"]}, str(samples_file))
+    settings = dict(top_k=int(top_k), temperature=float(temperature), num_samples=int(num), seed=int(seed))
+    assert torch.equal(run.sample(**settings), saved["weights"])  # weights only: the old file is enough
+    weights, sequences = run.sample(**settings, return_sequences=True)
+    assert torch.equal(weights, saved["weights"]) and torch.equal(sequences, saved["sequences"])
+    assert set(load_file(samples_file)) == {"weights", "sequences"}
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
     # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"

@@ -275,7 +275,8 @@ def generate_weights(
     label: int | Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: bool = True,
-) -> torch.Tensor:
+    return_sequences: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     r"""Sample ``num_samples`` fields and decode them to flat weights, without the pipeline.
 
     Args:
@@ -292,9 +293,12 @@ def generate_weights(
             class-conditional model.
         batch_size (`int`, *optional*, defaults to 256): fields sampled at once.
         progress (`bool`, *optional*, defaults to `True`): a progress bar over batches when there is more than one.
+        return_sequences (`bool`, *optional*, defaults to `False`): also return what the model sampled before
+            decoding (token ids, or chunks: a `NefAutoencoder`'s latents), on the CPU.
 
     Returns: `torch.FloatTensor` of shape `(num_samples, p)` on the CPU, canonical flat SIREN weights (unchecked:
-    a sample may hold NaN or inf, see the pipeline's ``"valid"``).
+    a sample may hold NaN or inf, see the pipeline's ``"valid"``); with ``return_sequences``, ``(weights,
+    sequences)``.
     """
     check_tokenization(model, tokenization)
     num_samples = _check_positive_int("num_samples", num_samples)
@@ -308,7 +312,7 @@ def generate_weights(
     starts = range(0, num_samples, batch_size)
     was_training = model.training
     model.eval()
-    outputs = []
+    outputs, sequences = [], []
     try:
         for index, start in enumerate(tqdm(starts, desc="sampling fields", unit="batch",
                                            disable=not progress or len(starts) <= 1)):
@@ -316,9 +320,11 @@ def generate_weights(
             values = _sample_batch(model, num, top_k, float(temperature), None if seed is None else int(seed) + index,
                                    None if labels is None else labels[start:start + num])
             outputs.append(_decode_batch(tokenization, values))
+            if return_sequences:
+                sequences.append(values.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(outputs)
+    return (torch.cat(outputs), torch.cat(sequences)) if return_sequences else torch.cat(outputs)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
