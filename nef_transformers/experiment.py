@@ -624,7 +624,7 @@ class Run:
                                              for part in weights_tensor(self.fit()).split(256)])
         return self._train_latents
 
-    def latent_nn_ratio(self, latents: torch.Tensor) -> float:
+    def latent_nn_ratio(self, latents: torch.Tensor) -> float | None:
         """Copies in the learned strategy's latent space: the median distance from each of ``latents`` (as a
         generator drew them, before decoding) to the nearest training field's latents, over the training fields'
         own median distance to their nearest other training field (the memorisation ratio's formula, with the
@@ -633,15 +633,18 @@ class Run:
         About 1 for latents as new as the training fields' are to one another; far below 1 for copies, jittered or
         not, which the memorisation ratio on rendered items can miss (chairs: RESULTS.md, session 8). Re-encoding
         decoded fields is no substitute: the encoder is not the decoder's inverse away from the training fields.
+        Samples holding NaN or inf are left out (as from the other metrics); None when none is left.
         """
         train = self._training_latents().flatten(1).double()
         latents = torch.as_tensor(latents).flatten(1).double()
         if latents.shape[1] != train.shape[1]:
             raise ValueError(f"latents hold {latents.shape[1]} values per field, the autoencoder's "
                              f"{train.shape[1]}")
-        if len(train) < 2 or len(latents) == 0:
-            raise ValueError(f"the latent NN ratio needs >= 2 training fields and >= 1 sample, got {len(train)} and "
-                             f"{len(latents)}")
+        latents = latents[torch.isfinite(latents).all(1)]
+        if len(latents) == 0:
+            return None
+        if len(train) < 2:
+            raise ValueError(f"the latent NN ratio needs >= 2 training fields, got {len(train)}")
         among_train = float(np.median(nearest_distances(train, train, exclude_self=True)))
         if among_train == 0.0:
             raise ValueError("half or more of the training fields have an identical twin in latent space: the "

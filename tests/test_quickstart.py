@@ -216,6 +216,10 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert copies["latent_nn_ratio"] < 1e-4 < jittered["latent_nn_ratio"] < gaussian["latent_nn_ratio"]
     with pytest.raises(ValueError, match="latents hold 3 values per field, the autoencoder's"):
         run.latent_nn_ratio(torch.zeros(2, 3))
+    train_latents = run._training_latents()
+    broken = torch.cat([train_latents[:3], torch.full_like(train_latents[:1], float("nan"))])
+    assert run.latent_nn_ratio(broken) == run.latent_nn_ratio(train_latents[:3]) < 1e-4  # NaN samples left out
+    assert run.latent_nn_ratio(broken[3:]) is None
     # a samples file from before the sequences were kept: sampled again (same seed, same weights), then kept
     from safetensors.torch import load_file, save_file
 
