@@ -6,17 +6,17 @@
 
 For each strategy (``--strategies``) it trains one NefGPT and samples it on the grid top-k x temperature
 (``--top-k 3 5 8 --temperature 0.8 1.0``: the proposal's table plus top-k 8, all of the regression head's 8
-mixture components). In the same run: ``oracle-train`` (training
-fields as the generator: the i.i.d. ceiling), ``noisy-train`` (training weights plus noise), ``gaussian`` (a
-Gaussian fitted in weight space) and, with the learned strategy, ``autoencoder-train`` (the oracle's training
-fields through its autoencoder: what a perfect prior over the latents would score) and ``gaussian-latent`` (one
-Gaussian fitted to the training fields' latents, decoded: the trivial prior NefGPT has to beat) and ``noisy-latent``
-(training fields with noise on their latents, decoded: jittered copies, what the metrics give a generator that
-learned nothing but the training set). Every row: MMD, COV,
-1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split, the memorisation ratio (median nearest-training
-distance of samples / of held-out real items), for rows drawn as learned latents the latent NN ratio (the same in
-the autoencoder's latent space, the training set leave-one-out as the reference: copies read far below 1) and, for labelled images, the share of samples the classifier
-recognises with confidence >= 0.9 and the spread over classes.
+mixture components). In the same run: ``oracle-train`` (training fields as the generator: the i.i.d. ceiling),
+``noisy-train`` (training weights plus noise), ``gaussian`` (a Gaussian fitted in weight space) and, with the
+learned strategy, ``autoencoder-train`` (the oracle's training fields through its autoencoder: what a perfect prior
+over the latents would score), ``gaussian-latent`` (one Gaussian fitted to the training fields' latents, decoded:
+the trivial prior NefGPT has to beat) and ``noisy-latent`` (training fields with noise on their latents, decoded:
+jittered copies, what the metrics give a generator that learned nothing but the training set). Every row: MMD,
+COV, 1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split,
+the memorisation ratio (median nearest-training distance of samples / of held-out real items), for rows drawn as
+learned latents the latent NN ratio (the same in the autoencoder's latent space, the training set leave-one-out as
+the reference: copies read far below 1) and, for labelled images, the share of samples the classifier recognises
+with confidence >= 0.9 and the spread over classes.
 
 Writes OUT/generation_quality.md (table), OUT/generation_quality.json and OUT/samples_{strategy}.png (samples
 beside real items); prints the table, then one JSON line per row. Stages are cached in OUT
