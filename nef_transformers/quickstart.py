@@ -147,7 +147,9 @@ def run_quickstart(args) -> dict:
         f"fields as samples: the ceiling), `noisy-train` (training weights + noise), `gaussian` (a Gaussian fitted in "
         f"weight space).\n\n{table}\n\nMMD in the distance's units (mean squared pixel difference, or Chamfer); COV "
         f"and 1-NNA as HyperDiffusion (1-NNA 50% is ideal); memorisation ratio = median nearest-training distance of "
-        f"samples / of held-out real items (≥ 0.9: not copies). Command: `nef-transformers quickstart --source "
+        f"samples / of held-out real items (≥ 0.9: not copies); latent NN ratio (learned strategy) = the same for "
+        f"the sampled latents against the training fields' latents, the training set leave-one-out as the reference "
+        f"(about 1: as new as real data; far below 1: copies). Command: `nef-transformers quickstart --source "
         f"{args.source} --out {args.out}`.\n", encoding="utf-8")
     summary = {"out": str(out), "rows": rows, "timings_s": timings, "total_s": round(time.perf_counter() - started, 1),
                "model": str(final_model), "samples_png": str(samples_png), "loss_curves_png": str(loss_png),
