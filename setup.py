@@ -36,7 +36,12 @@ setup(
         "pillow>=9.0",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout>=2.2"], "tensorboard": ["tensorboard>=2.14"]},
+    extras_require={
+        # scikit-learn: the Gaussian mixture of benchmarks/code_prior.py (and its test)
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "scikit-learn>=1.3"],
+        "benchmarks": ["scikit-learn>=1.3"],
+        "tensorboard": ["tensorboard>=2.14"],
+    },
     entry_points={"console_scripts": ["nef-transformers=nef_transformers.cli:main"]},
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
