@@ -29,7 +29,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def decoder_metric(autoencoder, spec, kind: str, latents, items: int, step: float = 0.02, seed: int = 0):
+def decoder_metric(autoencoder, spec, kind: str, latents, items: int, step: float = 0.02, seed: int = 0,
+                   progress: bool = True):
     """M = mean over ``items`` seeded training latents of JᵀJ, J = d(field outputs on a coarse grid) / d(latents),
     by central differences of ``step``: ``(d, d)`` float64, d the latent numbers per field."""
     import torch
@@ -37,21 +38,26 @@ def decoder_metric(autoencoder, spec, kind: str, latents, items: int, step: floa
     from nef_transformers.fields.render import volume_grid
     from nef_transformers.fields.siren import siren_forward
 
+    from tqdm.auto import tqdm
+
     if kind == "points":
-        grid = volume_grid(12)
-        outputs = lambda weights: torch.sigmoid(siren_forward(spec, weights, grid)[..., 0])  # noqa: E731
+        grid = volume_grid(12).to(latents.dtype)
+
+        def outputs(weights):
+            return torch.sigmoid(siren_forward(spec, weights, grid)[..., 0])
     else:
         from nef_transformers.data.images import image_grid
 
-        grid = image_grid(14, 14)
-        outputs = lambda weights: siren_forward(spec, weights, grid).flatten(1)  # noqa: E731
-    grid = grid.to(latents.dtype)
+        grid = image_grid(14, 14).to(latents.dtype)
+
+        def outputs(weights):
+            return siren_forward(spec, weights, grid).flatten(1)
     shape, size = latents.shape[1:], latents[0].numel()
     chosen = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed))[:items]
     metric = torch.zeros(size, size, dtype=torch.float64)
     eye = torch.eye(size, dtype=latents.dtype)
     with torch.no_grad():
-        for index in chosen:
+        for index in tqdm(chosen, desc="decoder metric", unit="field", disable=not progress):
             z = latents[index].flatten()
             columns = []
             for part in eye.split(shape[0]):
@@ -77,7 +83,9 @@ def train_vae(y, code_dim: int, sigma2: float, steps: int, width: int = 512, bat
 
     encoder, decoder = mlp(y.shape[1], 2 * code_dim), mlp(code_dim, y.shape[1])
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
-    for _ in range(steps):
+    from tqdm.auto import trange
+
+    for _ in trange(steps, desc="VAE", unit="step", mininterval=1.0):
         batch = y[torch.randint(0, len(y), (batch_size,))]
         mean, log_var = encoder(batch).chunk(2, -1)
         code = mean + (0.5 * log_var).exp() * torch.randn_like(mean)
