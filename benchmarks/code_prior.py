@@ -74,6 +74,7 @@ def train_vae(y, code_dim: int, sigma2: float, steps: int, width: int = 512, bat
     ``(mean, log-variance)`` codes and reconstructions."""
     import torch
     from torch import nn
+    from tqdm.auto import trange
 
     torch.manual_seed(seed)
 
@@ -83,8 +84,6 @@ def train_vae(y, code_dim: int, sigma2: float, steps: int, width: int = 512, bat
 
     encoder, decoder = mlp(y.shape[1], 2 * code_dim), mlp(code_dim, y.shape[1])
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
-    from tqdm.auto import trange
-
     for _ in trange(steps, desc="VAE", unit="step", mininterval=1.0):
         batch = y[torch.randint(0, len(y), (batch_size,))]
         mean, log_var = encoder(batch).chunk(2, -1)
@@ -139,6 +138,12 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    for name, value, bad in (("--components", args.components, args.components < 0),
+                             ("--temperature", args.temperature, args.temperature < 0),
+                             ("--sigma2", args.sigma2, args.sigma2 <= 0), ("--code-dim", args.code_dim, args.code_dim < 1),
+                             ("--metric-items", args.metric_items, args.metric_items < 1), ("--steps", args.steps, args.steps < 1)):
+        if bad:
+            parser.error(f"{name} {value} is out of range (components, temperature >= 0; sigma2 > 0; the rest >= 1)")
 
     import torch
 
