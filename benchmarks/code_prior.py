@@ -3,13 +3,13 @@
     python benchmarks/code_prior.py --out /tmp/gq_chairs_b8 --source ../shared/data/shapes/modelnet10_chair_32.npz \\
         --ae-epochs 80 --ae-batch-size 8 --seeds 0 1 2 --threads 1
 
-The experiment behind RESULTS.md, "Chairs, session 9" (not yet a generator of the package). On the cached work
-folder of a `generation_quality.py` run with the learned strategy (the same ``--source`` and ``--ae-*`` settings;
-stages missing there are computed first):
+The experiment behind RESULTS.md, "Chairs, session 9"; the package's ``code`` strategy (`NefCodeVAE`, session 10)
+puts NefGPT where the mixture is here. On the cached work folder of a `generation_quality.py` run with the learned
+strategy (the same ``--source`` and ``--ae-*`` settings; stages missing there are computed first):
 
-1. the decoder's metric M = E[JᵀJ], J the Jacobian of the decoded fields' outputs (occupancy probabilities on a
-   12³ grid for shapes, pixels on a 14 x 14 grid for images) with respect to the latents, by central differences
-   on ``--metric-items`` training fields;
+1. the decoder's metric M = E[JᵀJ] (`nef_transformers.tokenization.code.decoder_metric`: J the Jacobian of the
+   decoded fields' outputs on a coarse grid with respect to the latents, by central differences) on
+   ``--metric-items`` training fields;
 2. a VAE over the training fields' latents in shape-weighted coordinates y = M^½ (z - mean) (MLPs of width 512,
    a ``--code-dim`` code, Gaussian likelihood of fixed variance ``--sigma2``);
 3. codes drawn from a mixture of ``--components`` full-covariance Gaussians fitted to the training fields' codes
@@ -27,46 +27,6 @@ import os
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def decoder_metric(autoencoder, spec, kind: str, latents, items: int, step: float = 0.02, seed: int = 0,
-                   progress: bool = True):
-    """M = mean over ``items`` seeded training latents of JᵀJ, J = d(field outputs on a coarse grid) / d(latents),
-    by central differences of ``step``: ``(d, d)`` float64, d the latent numbers per field."""
-    import torch
-
-    from nef_transformers.fields.render import volume_grid
-    from nef_transformers.fields.siren import siren_forward
-
-    from tqdm.auto import tqdm
-
-    if kind == "points":
-        grid = volume_grid(12).to(latents.dtype)
-
-        def outputs(weights):
-            return torch.sigmoid(siren_forward(spec, weights, grid)[..., 0])
-    else:
-        from nef_transformers.data.images import image_grid
-
-        grid = image_grid(14, 14).to(latents.dtype)
-
-        def outputs(weights):
-            return siren_forward(spec, weights, grid).flatten(1)
-    shape, size = latents.shape[1:], latents[0].numel()
-    chosen = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed))[:items]
-    metric = torch.zeros(size, size, dtype=torch.float64)
-    eye = torch.eye(size, dtype=latents.dtype)
-    with torch.no_grad():
-        for index in tqdm(chosen, desc="decoder metric", unit="field", disable=not progress):
-            z = latents[index].flatten()
-            columns = []
-            for part in eye.split(shape[0]):
-                plus = outputs(autoencoder.decode((z + step * part).view(-1, *shape)))
-                minus = outputs(autoencoder.decode((z - step * part).view(-1, *shape)))
-                columns.append((plus - minus) / (2 * step))
-            jacobian = torch.cat(columns).double().T  # (outputs, d)
-            metric += jacobian.T @ jacobian / len(chosen)
-    return metric
 
 
 def train_vae(y, code_dim: int, sigma2: float, steps: int, width: int = 512, batch_size: int = 64, seed: int = 0):
@@ -147,8 +107,8 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from nef_transformers.data.metadata import get_spec
     from nef_transformers.experiment import Run, RunConfig, metrics_table
+    from nef_transformers.tokenization.code import decoder_metric
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,7 +119,7 @@ def main(argv=None) -> list[dict]:
     autoencoder, latents = run._autoencoder().cpu(), run._training_latents()
     count = len(run.split()[1])
     started = time.perf_counter()
-    metric = decoder_metric(autoencoder, get_spec(run.fit()), run.kind, latents, args.metric_items)
+    metric = decoder_metric(autoencoder, run.kind, latents, args.metric_items)
     eigenvalues, eigenvectors = torch.linalg.eigh(metric)
     eigenvalues = eigenvalues.clamp_min(0) + eigenvalues[-1] * 1e-6
     root = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T

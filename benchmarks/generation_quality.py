@@ -11,7 +11,9 @@ mixture components). In the same run: ``oracle-train`` (training fields as the g
 learned strategy, ``autoencoder-train`` (the oracle's training fields through its autoencoder: what a perfect prior
 over the latents would score), ``gaussian-latent`` (one Gaussian fitted to the training fields' latents, decoded:
 the trivial prior NefGPT has to beat) and ``noisy-latent`` (training fields with noise on their latents, decoded:
-jittered copies, what the metrics give a generator that learned nothing but the training set). Every row: MMD,
+jittered copies, what the metrics give a generator that learned nothing but the training set); with the code
+strategy (a VAE's codes over those latents, `NefCodeVAE`), ``code-train`` (the oracle's fields through the VAE: the
+ceiling of a prior over the codes) and ``gaussian-code`` (codes from the VAE's prior N(0, I)). Every row: MMD,
 COV, 1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split,
 the memorisation ratio (median nearest-training distance of samples / of held-out real items), for rows drawn as
 learned latents the latent NN ratio (the same in the autoencoder's latent space, the training set leave-one-out as
@@ -43,7 +45,8 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="mnist")
     parser.add_argument("--out", default=None, help="work folder (default runs/generation_quality_<source>[_quick])")
-    parser.add_argument("--strategies", nargs="+", default=["naive", "vq", "learned"], choices=["naive", "vq", "learned"])
+    parser.add_argument("--strategies", nargs="+", default=["naive", "vq", "learned"],
+                        choices=["naive", "vq", "learned", "code"])
     parser.add_argument("--top-k", type=int, nargs="+", default=[3, 5, 8])
     parser.add_argument("--temperature", type=float, nargs="+", default=[0.8, 1.0])
     parser.add_argument("--num-items", type=int, default=None, help="seeded subset of the source (default: all)")
@@ -71,6 +74,12 @@ def main(argv=None) -> list[dict]:
                         help="learned strategy: training noise on the latents, in units of their std (NefAutoencoderConfig)")
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
+    parser.add_argument("--code-dim", type=int, default=32, help="code strategy: numbers per field's code")
+    parser.add_argument("--code-sigma2", type=float, default=0.3,
+                        help="code strategy: the VAE's fixed likelihood variance (larger: fewer code dimensions in use)")
+    parser.add_argument("--code-steps", type=int, default=4000, help="code strategy: VAE optimizer steps")
+    parser.add_argument("--code-draws", type=int, default=8,
+                        help="code strategy: posterior draws per training field in NefGPT's training set (0: means)")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
     parser.add_argument("--latent-noise-scale", type=float, default=0.3,
                         help="noisy-latent: noise std / each latent entry's std")
@@ -97,7 +106,8 @@ def main(argv=None) -> list[dict]:
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
-                       autoencoder_latent_noise=args.ae_latent_noise,
+                       autoencoder_latent_noise=args.ae_latent_noise, code_dim=args.code_dim,
+                       code_sigma2=args.code_sigma2, code_steps=args.code_steps, code_draws=args.code_draws,
                        keep_best_model=args.keep_best)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
@@ -118,6 +128,8 @@ def main(argv=None) -> list[dict]:
             rows.append(run.autoencoder_row())  # trivial prior over the same latents (one Gaussian) and jittered copies
             rows.append(run.latent_gaussian_row())
             rows.append(run.latent_noisy_row(noise_scale=args.latent_noise_scale))
+        if strategy == "code":  # the ceiling of a prior over the codes, and the VAE's own prior N(0, I)
+            rows += run.code_rows()
         best = None
         for top_k in args.top_k:
             for temperature in args.temperature:
@@ -126,7 +138,7 @@ def main(argv=None) -> list[dict]:
                 sample_s = time.perf_counter() - t0
                 row = run.evaluate_weights(weights, strategy, {"top_k": top_k, "temperature": temperature,
                                                                "sample_s": round(sample_s, 1)},
-                                           latents=sequences if strategy == "learned" else None)
+                                           latents=run.sequence_latents(strategy, sequences))
                 rows.append(row)
                 if row["one_nna"] is not None and (best is None or row["one_nna"] < best[0]["one_nna"]):
                     best = (row, weights)

@@ -39,7 +39,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = 1
-STRATEGIES = ("naive", "vq", "learned")
+STRATEGIES = ("naive", "vq", "learned", "code")
 NUM_POINTS = 2048  # points per cloud for the shape metrics (HyperDiffusion)
 MESH_RESOLUTION = 64  # marching-cubes lattice of generated shapes
 # Refuse to start below this much free disk: the MNIST quickstart writes ~150 MiB (fields, checkpoints, samples).
@@ -83,6 +83,12 @@ class RunConfig:
     autoencoder_latent_dim: int = 4
     autoencoder_batch_size: int | None = None  # None: 16 for shapes, 64 for images (`train_tokenizer`)
     autoencoder_latent_noise: float = 0.0  # `NefAutoencoderConfig.latent_noise`
+    # code strategy: a VAE over the learned strategy's latents (`NefCodeConfig`); NefGPT models its codes
+    code_dim: int = 32
+    code_chunk_width: int = 4
+    code_sigma2: float = 0.3
+    code_steps: int = 4000
+    code_draws: int = 8
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30
@@ -105,13 +111,22 @@ class RunConfig:
     def stage_settings(self, strategy: str) -> dict:
         """The settings a strategy's cached tokenization and model were made with (compared on reuse)."""
         tokenization = {}
-        if strategy == "learned":
+        if strategy in ("learned", "code"):
             tokenization = {"epochs": self.autoencoder_epochs, "hidden_size": self.autoencoder_hidden_size,
                             "num_layers": self.autoencoder_layers, "latent_dim": self.autoencoder_latent_dim,
                             "latent_noise": self.autoencoder_latent_noise}
+        if strategy == "code":  # the autoencoder's settings, then the VAE's
+            tokenization = {**{f"autoencoder_{k}": v for k, v in tokenization.items()}, **self.code_config().__dict__}
         model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
                  "num_attention_heads": self.num_attention_heads, "hidden_dropout": self.dropout}
         return {"tokenization": tokenization, "model": model}
+
+    def code_config(self):
+        """The code strategy's `NefCodeConfig`."""
+        from .tokenization.code import NefCodeConfig
+
+        return NefCodeConfig(code_dim=self.code_dim, chunk_width=self.code_chunk_width, sigma2=self.code_sigma2,
+                             steps=self.code_steps, draws=self.code_draws, seed=self.seed)
 
     def identity(self) -> dict:
         """The settings that make outputs incomparable when they change (run.json)."""
@@ -455,6 +470,8 @@ class Run:
         if strategy == "learned":
             wanted["function_loss"] = self._function_loss()
             wanted["batch_size"] = self._autoencoder_batch_size()
+        if strategy == "code":
+            return self._tokenize_code(folder, wanted)
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
             # older folders: the MSE was the only loss, 64 the only batch, no latent noise
@@ -481,6 +498,30 @@ class Run:
                         autoencoder_batch_size=self._autoencoder_batch_size() if strategy == "learned" else None,
                         progress=self.progress,
                         device=self.device)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        return folder
+
+    def _tokenize_code(self, folder: Path, wanted: dict) -> Path:
+        """The code strategy's tokenization: a `NefCodeVAE` over the learned strategy's autoencoder (trained first
+        when missing), its settings kept in tokenize.json's ``run_settings`` to be compared on reuse."""
+        from .tokenization.train import train_tokenizer
+
+        wanted = {**wanted, "autoencoder_function_loss": self._function_loss(),
+                  "autoencoder_batch_size": self._autoencoder_batch_size()}
+        if (folder / "tokenize.json").is_file():
+            info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
+            saved = info.get("run_settings", {})
+            _check_cached(folder, {k: saved.get(k) for k in wanted}, wanted)
+            return folder
+        autoencoder = self._autoencoder().cpu()
+        tmp = folder.with_name("tokenization.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(self.fit(), "code", out_dir=tmp, autoencoder=autoencoder, code_config=self.config.code_config(),
+                        progress=self.progress)
+        info = json.loads((tmp / "tokenize.json").read_text(encoding="utf-8"))
+        info["run_settings"] = wanted
+        (tmp / "tokenize.json").write_text(json.dumps(info, indent=2, sort_keys=True), encoding="utf-8")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         return folder
@@ -659,6 +700,39 @@ class Run:
         train_weights = weights_tensor(self.fit())
         rows = torch.randperm(len(train_weights), generator=torch.Generator().manual_seed(seed))[:len(self.split()[1])]
         return train_weights[rows]
+
+    def code_vae(self):
+        """The code strategy's trained `NefCodeVAE` (tokenizing first if needed), on the run's device."""
+        from .tokenization.code import NefCodeVAE
+
+        return NefCodeVAE.from_pretrained(self.tokenize("code") / "tokenizer").to(self.device)
+
+    def sequence_latents(self, strategy: str, sequences: torch.Tensor) -> torch.Tensor | None:
+        """The learned strategy's latents behind sampled ``sequences``: themselves (learned), the `NefCodeVAE`'s
+        decoding of them (code), None for the other strategies."""
+        if strategy == "learned":
+            return sequences
+        if strategy == "code":
+            with torch.no_grad():
+                return self.code_vae().decode_latents(sequences.to(self.device)).cpu()
+        return None
+
+    def code_rows(self, seed: int = 0) -> list[dict]:
+        """``code-train`` (the oracle's training fields through the code VAE: encoded to their posterior means,
+        decoded; the ceiling of any prior over the codes) and ``gaussian-code`` (codes from the VAE's own prior
+        N(0, I), decoded: the trivial prior NefGPT over codes has to beat)."""
+        vae = self.code_vae()
+        oracle = self._oracle_weights(seed)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            codes = {"code-train": torch.cat([vae.encode(part.to(self.device)).cpu() for part in oracle.split(256)]),
+                     "gaussian-code": torch.randn(len(oracle), vae.num_tokens, vae.chunk_width, generator=generator)}
+            rows = []
+            for name, code in codes.items():
+                latents = vae.decode_latents(code.to(self.device))
+                weights = vae.autoencoder.decode(latents).float().cpu()
+                rows.append(self.evaluate_weights(weights, name, latents=latents.cpu()))
+        return rows
 
     def _autoencoder(self):
         """The learned strategy's trained `NefAutoencoder` (tokenizing first if needed), on the run's device."""

@@ -41,10 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="mnist (embedded 5,000 digits, default), a voxel-grid .npz, an image .npz or a mesh folder")
     parser.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--strategy", choices=("naive", "vq", "learned"), default="learned",
+    parser.add_argument("--strategy", choices=("naive", "vq", "learned", "code"), default="learned",
                         help="weight tokenization (default learned: neuron-autoencoder latents, the best generator in "
-                             "benchmarks/generation_quality.py; naive: continuous per-neuron chunks; vq: one token "
-                             "per weight, ~18x longer sequences)")
+                             "benchmarks/generation_quality.py; code: a VAE's short code over those latents, ~2 min "
+                             "more; naive: continuous per-neuron chunks; vq: one token per weight, ~18x longer "
+                             "sequences)")
     parser.add_argument("--num-items", type=_positive_int, default=None,
                         help="use a seeded subset of the source (default: all of it), split 80/20")
     parser.add_argument("--fit-steps", type=_positive_int, default=None, help="Adam steps per field (default: per source)")
@@ -117,10 +118,10 @@ def run_quickstart(args) -> dict:
                                                                 seed=args.seed, return_sequences=True))
 
     def evaluate():
-        # the learned strategy samples latents: how near the training fields' they are (`Run.latent_nn_ratio`)
+        # the learned and code strategies sample (or decode to) latents: how near the training fields' they are
         row = run.evaluate_weights(weights, f"nef_gpt-{args.strategy}",
                                    {"top_k": args.top_k, "temperature": args.temperature},
-                                   latents=sequences if args.strategy == "learned" else None)
+                                   latents=run.sequence_latents(args.strategy, sequences))
         return [row, *run.baseline_rows(seed=args.seed)]
 
     rows = stage("5/5 evaluate", evaluate)

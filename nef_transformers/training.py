@@ -295,7 +295,8 @@ def detect_head(dataset, head: str) -> str:
 # ------------------------------------------------------------------------------------------------- tokenizer
 def load_tokenizer(path: str | None):
     """The tokenization the dataset was made with, from the folder `nef-transformers tokenize` wrote (OUT/tokenizer):
-    a `NeuronChunker` (naive), a `NefAutoencoder` (learned) or, for VQ ids, any `AutoTokenizer` folder."""
+    a `NeuronChunker` (naive), a `NefAutoencoder` (learned), a `NefCodeVAE` (code) or, for VQ ids, any
+    `AutoTokenizer` folder."""
     if path is None:
         return None
     import nef_transformers  # noqa: F401  (registers the AutoClasses)
@@ -310,10 +311,15 @@ def load_tokenizer(path: str | None):
 
             return NeuronChunker.from_pretrained(folder)
         config_file = folder / "config.json"
-        if config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "nef_autoencoder":
+        model_type = json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
+        if model_type == "nef_autoencoder":
             from nef_transformers.tokenization import NefAutoencoder
 
             return NefAutoencoder.from_pretrained(folder)
+        if model_type == "nef_code_vae":
+            from nef_transformers.tokenization import NefCodeVAE
+
+            return NefCodeVAE.from_pretrained(folder)
         return AutoTokenizer.from_pretrained(folder)
     except Exception as error:
         raise ValueError(f"could not load the tokenizer in {path} ({type(error).__name__}: {error})") from error

@@ -232,6 +232,27 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     weights, sequences = run.sample(**settings, return_sequences=True)
     assert torch.equal(weights, saved["weights"]) and torch.equal(sequences, saved["sequences"])
     assert set(load_file(samples_file)) == {"weights", "sequences"}
+    # the code strategy: a VAE over the same autoencoder's latents, NefGPT over its codes, cached like the others
+    code_settings = dict(same, strategy="code", code_steps=30, code_draws=2)
+    code = Run(out, RunConfig(**code_settings), device="cpu", progress=False)
+    code.train()
+    code_info = json.loads((out / "code" / "tokenization" / "tokenize.json").read_text())
+    assert code_info["rows_per_field"] == 2 and code_info["tokens_per_field"] == 8 and code_info["num_fields"] == 32
+    weights, sequences = code.sample(top_k=3, temperature=1.0, return_sequences=True)
+    vae = code.code_vae()
+    assert sequences.shape == (8, 8, 4) and weights.shape == (8, vae.spec.num_params)
+    latents = code.sequence_latents("code", sequences)
+    with torch.no_grad():
+        assert torch.allclose(vae.decode(sequences), weights, atol=1e-5)
+        assert torch.allclose(vae.autoencoder.decode(latents), weights, atol=1e-5)
+    assert code.sequence_latents("naive", sequences) is None
+    ceiling, prior = code.code_rows()
+    assert [ceiling["strategy"], prior["strategy"]] == ["code-train", "gaussian-code"]
+    assert ceiling["num_samples"] == prior["num_samples"] == 8 and ceiling["mmd"] != prior["mmd"]
+    with pytest.raises(RunMismatchError, match="sigma2: 0.3 there, 0.5 asked"):
+        Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
+    with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
+        Run(out, RunConfig(**{**code_settings, "autoencoder_hidden_size": 96}), device="cpu", progress=False).tokenize()
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
     # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"

@@ -96,6 +96,37 @@ def test_tokenize_command(weight_dataset, tmp_path, capsys):
         parser.parse_args(["tokenize", "--nefs", "x", "--strategy", "bpe", "--out", "y"])
 
 
+def test_tokenize_command_code_strategy_and_the_shapes_loss(weight_dataset, tmp_path, capsys):
+    from nef_transformers.tokenization.code import NefCodeVAE
+
+    dataset, _, weights = weight_dataset
+    dataset.save_to_disk(str(tmp_path / "nefs"))
+    parser = argparse.ArgumentParser(prog="nef-transformers")
+    add_tokenize_command(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tokenize", "--nefs", str(tmp_path / "nefs"), "--strategy", "code", "--epochs", "1",
+                              "--code-dim", "8", "--code-chunk-width", "2", "--code-steps", "20", "--code-draws", "2",
+                              "--out", str(tmp_path / "code")])
+    assert args.handler(args) == 0
+    assert "48 fields tokenised (code): 4 tokens per field" in capsys.readouterr().out
+    vae = load_tokenization(tmp_path / "code")
+    assert isinstance(vae, NefCodeVAE) and vae.config.steps == 20 and vae.autoencoder.config.function_loss == "mse"
+    from datasets import load_from_disk
+
+    assert len(load_from_disk(str(tmp_path / "code" / "dataset"))) == 2 * 48
+    # occupancy fields through the command get the occupancy loss, as through train_tokenizer
+    generator = torch.Generator().manual_seed(0)
+    init = siren_init(SHAPE_SPEC, 1, generator=generator)[0]
+    shapes = make_weight_dataset(init + 0.05 * torch.randn(8, SHAPE_SPEC.num_params, generator=generator),
+                                 np.zeros(8, dtype=int), SHAPE_SPEC, init,
+                                 {"kind": "occupancy", "name": "synthetic shapes", "class_names": ["blob"]})
+    shapes.save_to_disk(str(tmp_path / "shapes"))
+    args = parser.parse_args(["tokenize", "--nefs", str(tmp_path / "shapes"), "--strategy", "learned", "--epochs", "1",
+                              "--out", str(tmp_path / "learned")])
+    assert args.handler(args) == 0
+    info = json.loads((tmp_path / "learned" / "tokenize.json").read_text())
+    assert info["settings"]["function_loss"] == "kl"
+
+
 def test_unknown_strategy(weight_dataset):
     with pytest.raises(ValueError, match="strategy must be one of"):
         train_tokenizer(weight_dataset[0], "bpe")

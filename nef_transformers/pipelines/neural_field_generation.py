@@ -10,8 +10,8 @@
 
 A model folder is what `examples/train.py` writes: ``config.json`` (its ``architectures`` name the head, its
 ``field_spec`` / ``field_source`` describe the fields), ``model.safetensors`` and the tokenization, a
-`NefVQTokenizer` at the folder root for `NefGPTForCausalLM` or a `NeuronChunker` / `NefAutoencoder` in
-``tokenizer/`` for `NefGPTForWeightRegression`. `load_generation_folder` loads the pair, `generate_weights`
+`NefVQTokenizer` at the folder root for `NefGPTForCausalLM` or a `NeuronChunker` / `NefAutoencoder` / `NefCodeVAE`
+in ``tokenizer/`` for `NefGPTForWeightRegression`. `load_generation_folder` loads the pair, `generate_weights`
 samples flat weights without the pipeline (what scripts and benchmarks call).
 
 Output: a list with one `NeuralFieldSample` dict per sample, in sampling order:
@@ -50,6 +50,7 @@ from ..models.nef_gpt import NefGPTForCausalLM, NefGPTForWeightRegression
 from ..models.nef_gpt.modeling_nef_gpt import check_sampling_settings
 from ..tokenization.chunking import CONFIG_NAME as CHUNKER_CONFIG_NAME
 from ..tokenization.chunking import NeuronChunker
+from ..tokenization.code import NefCodeVAE
 from ..tokenization.learned import NefAutoencoder
 from ..tokenization.tokenization_nef_vq import VOCAB_FILES_NAMES, NefVQTokenizer
 
@@ -130,7 +131,8 @@ class AutoModelForNeuralFieldGeneration:
 
 def find_tokenization(folder: str | os.PathLike):
     """The tokenization saved with a model: a `NefVQTokenizer` at the folder root, else a `NeuronChunker` or a
-    `NefAutoencoder` in ``tokenizer/`` (or one of the three directly in ``folder``, when it is a tokenizer folder).
+    `NefAutoencoder` or `NefCodeVAE` in ``tokenizer/`` (or one of them directly in ``folder``, when it is a tokenizer
+    folder).
 
     Raises a `FileNotFoundError` naming the folder and the files it looked for.
     """
@@ -144,7 +146,7 @@ def find_tokenization(folder: str | os.PathLike):
     raise FileNotFoundError(
         f"{folder} holds no tokenizer: expected a NefVQTokenizer at its root (tokenizer_config.json + "
         f"{VOCAB_FILES_NAMES['codebook_file']}) or, for a regression model, a tokenizer/ folder with a NeuronChunker "
-        f"({CHUNKER_CONFIG_NAME}) or a NefAutoencoder (config.json + model.safetensors); examples/train.py saves it "
+        f"({CHUNKER_CONFIG_NAME}) a NefAutoencoder or a NefCodeVAE (config.json + model.safetensors); examples/train.py saves it "
         "there, or pass tokenizer= to the pipeline"
     )
 
@@ -170,14 +172,15 @@ def tokenization_spec(tokenization) -> SirenSpec:
     """The `SirenSpec` of the fields a tokenization decodes to."""
     if isinstance(tokenization, NefVQTokenizer):
         return tokenization.siren_spec
-    if isinstance(tokenization, (NeuronChunker, NefAutoencoder)):
+    if isinstance(tokenization, (NeuronChunker, NefAutoencoder, NefCodeVAE)):
         return tokenization.spec
-    raise TypeError(f"expected a NefVQTokenizer, NeuronChunker or NefAutoencoder, got {type(tokenization).__name__}")
+    raise TypeError(f"expected a NefVQTokenizer, NeuronChunker, NefAutoencoder or NefCodeVAE, got "
+                    f"{type(tokenization).__name__}")
 
 
 def check_tokenization(model, tokenization) -> None:
     """Raise a `ValueError` unless ``tokenization`` decodes what ``model`` samples: a `NefVQTokenizer` of the same
-    vocabulary and sequence layout for `NefGPTForCausalLM`; a `NeuronChunker` or `NefAutoencoder` with
+    vocabulary and sequence layout for `NefGPTForCausalLM`; a `NeuronChunker`, `NefAutoencoder` or `NefCodeVAE` with
     ``(t, w)`` = ``(sequence_length, chunk_dim)`` for `NefGPTForWeightRegression`; the spec of
     ``config.field_spec``."""
     config = model.config
@@ -194,9 +197,11 @@ def check_tokenization(model, tokenization) -> None:
             shape = (tokenization.num_chunks, tokenization.chunk_width)
         elif isinstance(tokenization, NefAutoencoder):
             shape = (tokenization.num_tokens, tokenization.config.latent_dim)
+        elif isinstance(tokenization, NefCodeVAE):
+            shape = (tokenization.num_tokens, tokenization.chunk_width)
         else:
-            raise ValueError(f"a NefGPTForWeightRegression samples continuous chunks and needs a NeuronChunker or "
-                             f"NefAutoencoder to decode them, got {type(tokenization).__name__}")
+            raise ValueError(f"a NefGPTForWeightRegression samples continuous chunks and needs a NeuronChunker, "
+                             f"NefAutoencoder or NefCodeVAE to decode them, got {type(tokenization).__name__}")
         if shape != (config.sequence_length, config.chunk_dim):
             raise ValueError(f"the model samples (t, w) = ({config.sequence_length}, {config.chunk_dim}) chunks but the "
                              f"{type(tokenization).__name__} decodes {shape}")
@@ -255,7 +260,7 @@ def _decode_batch(tokenization, values: torch.Tensor) -> torch.Tensor:
     """Raw samples -> ``(b, p)`` float32 CPU weights."""
     if isinstance(tokenization, NefVQTokenizer):
         weights = tokenization.decode_weights(values)
-    elif isinstance(tokenization, NefAutoencoder):
+    elif isinstance(tokenization, (NefAutoencoder, NefCodeVAE)):
         device = tokenization.scale.device
         weights = tokenization.decode(values.to(device=device, dtype=torch.float32))
     else:
@@ -281,7 +286,7 @@ def generate_weights(
 
     Args:
         model (`NefGPTForCausalLM` or `NefGPTForWeightRegression`): the generator, on any device.
-        tokenization (`NefVQTokenizer`, `NeuronChunker` or `NefAutoencoder`): what decodes its samples
+        tokenization (`NefVQTokenizer`, `NeuronChunker`, `NefAutoencoder` or `NefCodeVAE`): what decodes its samples
             (`check_tokenization`).
         num_samples (`int`): number of fields.
         top_k (`int`, *optional*): sample among the `top_k` most likely tokens (causal LM) or mixture components
@@ -294,7 +299,7 @@ def generate_weights(
         batch_size (`int`, *optional*, defaults to 256): fields sampled at once.
         progress (`bool`, *optional*, defaults to `True`): a progress bar over batches when there is more than one.
         return_sequences (`bool`, *optional*, defaults to `False`): also return what the model sampled before
-            decoding (token ids, or chunks: a `NefAutoencoder`'s latents), on the CPU.
+            decoding (token ids, or chunks: a `NefAutoencoder`'s latents, a `NefCodeVAE`'s codes), on the CPU.
 
     Returns: `torch.FloatTensor` of shape `(num_samples, p)` on the CPU, canonical flat SIREN weights (unchecked:
     a sample may hold NaN or inf, see the pipeline's ``"valid"``); with ``return_sequences``, ``(weights,
@@ -373,7 +378,7 @@ class NeuralFieldGenerationPipeline(Pipeline):
             folder = getattr(model, "name_or_path", None)
             if not folder or not os.path.isdir(folder):
                 raise ValueError(f"the {TASK} pipeline needs the model's tokenization: pass tokenizer= (a "
-                                 "NefVQTokenizer, NeuronChunker or NefAutoencoder, or its folder) or a model folder "
+                                 "NefVQTokenizer, NeuronChunker, NefAutoencoder or NefCodeVAE, or its folder) or a model folder "
                                  "that holds it")
             tokenizer = find_tokenization(folder)
         check_tokenization(model, tokenizer)
@@ -519,7 +524,7 @@ class NeuralFieldGenerationPipeline(Pipeline):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the folder `load_generation_folder` reads: the model, and its tokenization at the root (VQ) or in
-        ``tokenizer/`` (a chunker or autoencoder, whose ``config.json`` would overwrite the model's)."""
+        ``tokenizer/`` (a chunker, autoencoder or code VAE, whose ``config.json`` would overwrite the model's)."""
         self.model.save_pretrained(save_directory, **kwargs)
         vq = isinstance(self.tokenizer, NefVQTokenizer)
         self.tokenizer.save_pretrained(save_directory if vq else os.path.join(save_directory, "tokenizer"))

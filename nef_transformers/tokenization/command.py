@@ -5,6 +5,7 @@ The parser needs nothing heavy; the handler imports torch, datasets and the toke
     nef-transformers tokenize --nefs runs/mnist --strategy vq --out runs/mnist-vq
     nef-transformers tokenize --nefs runs/mnist --strategy naive --out runs/mnist-chunks
     nef-transformers tokenize --nefs runs/mnist --strategy learned --epochs 30 --out runs/mnist-learned
+    nef-transformers tokenize --nefs runs/mnist --strategy code --epochs 30 --out runs/mnist-code
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from ..cli import _positive_int
 
-STRATEGIES = ("vq", "naive", "learned")
+STRATEGIES = ("vq", "naive", "learned", "code")
 
 
 def add_tokenize_command(subparsers) -> None:
@@ -21,7 +22,8 @@ def add_tokenize_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "tokenize", help="train a tokenization of a weight dataset and tokenise it",
         description="Train a tokenization on a weight dataset and write OUT/tokenizer (vq: NefVQTokenizer, loads with "
-                    "AutoTokenizer; naive: NeuronChunker; learned: NefAutoencoder), OUT/dataset (the tokenised "
+                    "AutoTokenizer; naive: NeuronChunker; learned: NefAutoencoder; code: NefCodeVAE over a "
+                    "NefAutoencoder trained first), OUT/dataset (the tokenised "
                     "fields: input_ids or chunks) and OUT/tokenize.json (settings and statistics).")
     parser.add_argument("--nefs", required=True,
                         help="weight dataset: a `nef-transformers fit` folder or any folder load_nef_dataset reads")
@@ -37,8 +39,14 @@ def add_tokenize_command(subparsers) -> None:
     parser.add_argument("--canonical", choices=("none", "align", "sort"), default=None,
                         help="vq: hidden-unit canonical form before chunking (default none: rely on the shared init)")
     parser.add_argument("--epochs", type=_positive_int, default=None,
-                        help="vq: EMA epochs (default 1); learned: training epochs (default 30)")
-    parser.add_argument("--latent-dim", type=_positive_int, default=4, help="learned: latent width per neuron")
+                        help="vq: EMA epochs (default 1); learned, code: autoencoder epochs (default 30)")
+    parser.add_argument("--latent-dim", type=_positive_int, default=4, help="learned, code: latent width per neuron")
+    parser.add_argument("--code-dim", type=_positive_int, default=32, help="code: numbers per field's code")
+    parser.add_argument("--code-chunk-width", type=_positive_int, default=4,
+                        help="code: numbers per NefGPT position (must divide --code-dim)")
+    parser.add_argument("--code-steps", type=_positive_int, default=4000, help="code: VAE optimizer steps")
+    parser.add_argument("--code-draws", type=int, default=8,
+                        help="code: posterior draws per field in the tokenised set (0: the means)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_tokenize)
@@ -67,11 +75,19 @@ def run_tokenize(args) -> int:
     elif args.strategy == "naive":
         kwargs["chunking"] = args.chunking or "neuron"
     else:
-        from ..data.metadata import get_spec
+        from ..data.metadata import get_source_info, get_spec
         from .learned import NefAutoencoderConfig
+        from .train import autoencoder_defaults
 
-        kwargs["autoencoder_config"] = NefAutoencoderConfig(spec=get_spec(dataset).to_dict(), latent_dim=args.latent_dim)
+        loss = autoencoder_defaults(get_source_info(dataset).get("kind"))["function_loss"]
+        kwargs["autoencoder_config"] = NefAutoencoderConfig(spec=get_spec(dataset).to_dict(), latent_dim=args.latent_dim,
+                                                            function_loss=loss)
         kwargs["autoencoder_epochs"] = args.epochs or 30
+        if args.strategy == "code":
+            from .code import NefCodeConfig
+
+            kwargs["code_config"] = NefCodeConfig(code_dim=args.code_dim, chunk_width=args.code_chunk_width,
+                                                  steps=args.code_steps, draws=args.code_draws, seed=args.seed)
     result = train_tokenizer(dataset, args.strategy, out_dir=out, **kwargs)
     info = result.info
     line = f"{info['num_fields']} fields tokenised ({args.strategy}): {info['tokens_per_field']} tokens per field"

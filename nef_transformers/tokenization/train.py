@@ -31,7 +31,7 @@ from .quantizer import ResidualVQ
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("vq", "naive", "learned")
+STRATEGIES = ("vq", "naive", "learned", "code")
 # The learned strategy on occupancy fields (shapes): each autoencoder step compares the outputs on 4,096 points
 # drawn afresh from 32,768 uniform ones in the shape cube, half of them per field near its surface, with the
 # binary KL of the occupancies (`NefAutoencoderConfig.function_loss="kl"`); benchmarks/RESULTS.md has the evidence.
@@ -209,7 +209,7 @@ class TokenizationResult:
     """What `train_tokenizer` returns: the trained tokenization, the tokenised training set, training stats."""
 
     strategy: str
-    tokenizer: object  # NefVQTokenizer | NeuronChunker | NefAutoencoder
+    tokenizer: object  # NefVQTokenizer | NeuronChunker | NefAutoencoder | NefCodeVAE
     dataset: object  # datasets.Dataset with input_ids or chunks
     info: dict = field(default_factory=dict)
 
@@ -245,6 +245,8 @@ def train_tokenizer(
     autoencoder_config=None,
     autoencoder_epochs: int = 30,
     autoencoder_batch_size: int | None = None,
+    code_config=None,
+    autoencoder=None,
     batch_size: int = 1024,
     progress: bool = True,
     device: str = "cpu",
@@ -255,11 +257,14 @@ def train_tokenizer(
         dataset: a weight dataset (`build_nef_dataset`, `load_nef_dataset`): its `SirenSpec` and shared init
             come from its metadata.
         strategy: ``"vq"`` (`NefVQTokenizer`, ``input_ids``), ``"naive"`` (continuous chunks of ``w - w_init``,
-            ``chunks``) or ``"learned"`` (`NefAutoencoder` latents, ``chunks``).
+            ``chunks``), ``"learned"`` (`NefAutoencoder` latents, ``chunks``) or ``"code"`` (`NefCodeVAE` codes of
+            those latents, ``chunks``: ``code_config.draws`` posterior draws per field, ``index`` repeating).
         vq_config: ``vq`` settings (default `VQTokenizerConfig()`).
         chunking: ``naive`` only: ``"neuron"`` or ``"scalar"`` chunks.
         autoencoder_config, autoencoder_epochs, autoencoder_batch_size: ``learned`` only (`NefAutoencoderConfig`,
-            epochs, fields per step; None: 16 for occupancy fields, 64 for images).
+            epochs, fields per step; None: 16 for occupancy fields, 64 for images); ``code`` trains such an
+            autoencoder first unless ``autoencoder`` (a trained `NefAutoencoder` of the same spec) is given.
+        code_config: ``code`` only: `NefCodeConfig` (default `NefCodeConfig()`).
         batch_size: fields encoded at once.
         device: where the ``learned`` autoencoder trains (``"cuda"``: minutes instead of tens of minutes for
             thousands of fields); the other strategies and the saved files are on the CPU.
@@ -292,6 +297,26 @@ def train_tokenizer(
         info.update(settings={"chunking": chunking}, tokens_per_field=tokenizer.num_chunks,
                     chunk_width=tokenizer.chunk_width)
         tokenised = _chunks_dataset(chunks, dataset)
+    elif strategy == "code":
+        from .code import NefCodeConfig, posterior_draws, train_code_vae
+
+        if autoencoder is None:
+            autoencoder = train_tokenizer(dataset, "learned", autoencoder_config=autoencoder_config,
+                                          autoencoder_epochs=autoencoder_epochs,
+                                          autoencoder_batch_size=autoencoder_batch_size, batch_size=batch_size,
+                                          progress=progress, device=device).tokenizer
+        elif autoencoder.spec != spec:
+            raise ValueError(f"the autoencoder decodes {autoencoder.spec} but the weight dataset holds {spec}")
+        code_config = code_config or NefCodeConfig()
+        tokenizer, stats = train_code_vae(autoencoder, weights, source.get("kind") or "image", code_config,
+                                          progress=progress)
+        codes = posterior_draws(tokenizer, weights, code_config.draws, seed=code_config.seed)
+        rounds = max(code_config.draws, 1)
+        info.update(settings=asdict(code_config), autoencoder_settings=asdict(autoencoder.config),
+                    tokens_per_field=tokenizer.num_tokens, chunk_width=tokenizer.chunk_width,
+                    rows_per_field=rounds, **stats)
+        tokenised = _chunks_dataset(codes, {"label": list(dataset["label"]) * rounds,
+                                            "index": list(dataset["index"]) * rounds})
     else:
         from .learned import NefAutoencoderConfig, train_autoencoder
 
@@ -338,12 +363,16 @@ def load_tokenization(directory: str | os.PathLike):
         from .learned import NefAutoencoder
 
         model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type == "nef_code_vae":
+            from .code import NefCodeVAE
+
+            return NefCodeVAE.from_pretrained(folder)
         if model_type != "nef_autoencoder":
             raise FileNotFoundError(f"{folder} holds a {model_type!r} model, not a tokenizer: a NefGPT folder keeps its "
                                     f"VQ tokenizer next to config.json and a chunker or autoencoder in tokenizer/")
         return NefAutoencoder.from_pretrained(folder)
     raise FileNotFoundError(f"{directory} holds no tokenizer (expected tokenizer_config.json + codebook.safetensors, "
-                            f"chunker_config.json or a NefAutoencoder's config.json)")
+                            f"chunker_config.json or a NefAutoencoder's or NefCodeVAE's config.json)")
 
 
 __all__ = [

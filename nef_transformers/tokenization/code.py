@@ -1,0 +1,343 @@
+"""A compact code per field: a VAE over a `NefAutoencoder`'s latents in shape-weighted coordinates.
+
+The ``code`` strategy. The learned strategy gives each field one latent vector per neuron (97 x 4 numbers for a
+3->32->32->32->1 SIREN), and NefGPT draws them one neuron at a time. This module compresses those latents once
+more, into one short code per field that NefGPT draws in a few chunks:
+
+1. the decoder's metric M = E[JᵀJ], J the Jacobian of the decoded fields' outputs (occupancy probabilities on a
+   12³ grid for shapes, pixels on a 14 x 14 grid for images) with respect to the latents, by central differences
+   on a few training fields (`decoder_metric`): directions of latent space that change the field count, the rest
+   (which the autoencoder never constrained) do not;
+2. shape-weighted coordinates y = M^½ (z - mean) / s (s: one number, the coordinates' RMS);
+3. a VAE over y (MLPs, a Gaussian likelihood of fixed variance ``sigma2``: the larger, the stronger the pull of the
+   codes towards N(0, I) and the fewer code dimensions stay in use);
+4. code dimensions sorted by how much the training fields' codes spread along them, so NefGPT's first chunks
+   carry the coarse shape.
+
+`NefCodeVAE.encode` maps weights to ``(b, t, w)`` codes (the posterior means, cut into ``t`` chunks of ``w``),
+`NefCodeVAE.decode` maps codes back to weights. On the 711 training chairs (RESULTS.md, "Chairs, session 9"), a
+mixture over such codes came within 6 points of the autoencoder's own 1-NNA, where priors over the per-neuron
+latents stayed 8 to 13 points above it.
+
+Axis legend: ``b`` fields, ``p`` flat parameters, ``t`` code chunks (NefGPT positions), ``w`` chunk width,
+``d`` latent numbers per field, ``c`` code dimensions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .learned import NefAutoencoder, NefAutoencoderConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_TYPE = "nef_code_vae"
+
+
+@dataclass
+class NefCodeConfig:
+    """Sizes and training settings of a `NefCodeVAE`.
+
+    Args:
+        code_dim (`int`, *optional*, defaults to 32): numbers per field's code. On the chairs, a 32-number code at
+            ``sigma2`` 0.3 kept 15 dimensions in use; the others stay at the prior (the decoder ignores them).
+        chunk_width (`int`, *optional*, defaults to 4): numbers per NefGPT position (``code_dim / chunk_width``
+            positions); must divide ``code_dim``.
+        sigma2 (`float`, *optional*, defaults to 0.3): the likelihood's fixed variance in the (unit-RMS)
+            shape-weighted coordinates. Larger: smoother codes, fewer in use, blurrier fields.
+        width (`int`, *optional*, defaults to 512): width of the encoder's and decoder's two hidden layers.
+        steps (`int`, *optional*, defaults to 4000): optimizer steps (about a minute on 2 CPU cores).
+        batch_size (`int`, *optional*, defaults to 64): fields per step.
+        learning_rate (`float`, *optional*, defaults to 1e-3): Adam's.
+        metric_items (`int`, *optional*, defaults to 40): training fields the decoder's metric averages.
+        metric_step (`float`, *optional*, defaults to 0.02): the central differences' step, in latent units.
+        draws (`int`, *optional*, defaults to 8): codes per training field in the tokenised set: draws from the
+            VAE's posterior q(code | field) (0: the posterior means only). NefGPT then learns the VAE's smoothed
+            distribution instead of a few hundred points.
+        seed (`int`, *optional*, defaults to 0): initialisation, batches, the metric's fields and the draws.
+    """
+
+    code_dim: int = 32
+    chunk_width: int = 4
+    sigma2: float = 0.3
+    width: int = 512
+    steps: int = 4000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    metric_items: int = 40
+    metric_step: float = 0.02
+    draws: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("code_dim", "chunk_width", "width", "steps", "batch_size", "metric_items"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"NefCodeConfig.{name} must be an int >= 1, got {value!r}")
+        if self.code_dim % self.chunk_width:
+            raise ValueError(f"NefCodeConfig.chunk_width ({self.chunk_width}) must divide code_dim ({self.code_dim})")
+        for name in ("sigma2", "learning_rate", "metric_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"NefCodeConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if isinstance(self.draws, bool) or not isinstance(self.draws, int) or self.draws < 0:
+            raise ValueError(f"NefCodeConfig.draws must be an int >= 0, got {self.draws!r}")
+
+
+def _mlp(inputs: int, outputs: int, width: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                         nn.Linear(width, outputs))
+
+
+def _is_shape(kind: str) -> bool:
+    if kind not in ("occupancy", "points", "image"):
+        raise ValueError(f"kind must be 'occupancy' (or 'points') for shapes or 'image', got {kind!r}")
+    return kind != "image"
+
+
+def decoder_metric(autoencoder: NefAutoencoder, kind: str, latents: torch.Tensor, items: int, step: float = 0.02,
+                   seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """M = mean over ``items`` seeded fields of ``latents (b, t, l)`` of JᵀJ, J = d(decoded field's outputs on a
+    coarse grid) / d(latents), by central differences of ``step``: ``(d, d)`` float64, d = t x l.
+
+    ``kind``: ``"occupancy"`` (or ``"points"``): occupancy probabilities on a 12³ grid of the shape cube;
+    ``"image"``: the outputs on a 14 x 14 pixel grid.
+    """
+    from tqdm.auto import tqdm
+
+    from ..fields.siren import siren_forward
+
+    spec = autoencoder.spec
+    if _is_shape(kind):
+        from ..fields.render import volume_grid
+
+        grid = volume_grid(12).to(latents.dtype)
+
+        def outputs(weights):
+            return torch.sigmoid(siren_forward(spec, weights, grid)[..., 0])
+    else:
+        from ..data.images import image_grid
+
+        grid = image_grid(14, 14).to(latents.dtype)
+
+        def outputs(weights):
+            return siren_forward(spec, weights, grid).flatten(1)
+    if latents.ndim != 3 or len(latents) == 0:
+        raise ValueError(f"latents must be (b, t, l) with b >= 1, got shape {tuple(latents.shape)}")
+    if not 1 <= items or not step > 0:
+        raise ValueError(f"items >= 1 and step > 0 are needed, got {items} and {step}")
+    shape, size = latents.shape[1:], latents[0].numel()
+    chosen = torch.randperm(len(latents), generator=torch.Generator().manual_seed(seed))[:items]
+    metric = torch.zeros(size, size, dtype=torch.float64)
+    eye = torch.eye(size, dtype=latents.dtype)
+    with torch.no_grad():
+        for index in tqdm(chosen, desc="decoder metric", unit="field", disable=not progress):
+            z = latents[index].flatten()
+            columns = []
+            for part in eye.split(shape[0]):
+                plus = outputs(autoencoder.decode((z + step * part).view(-1, *shape)))
+                minus = outputs(autoencoder.decode((z - step * part).view(-1, *shape)))
+                columns.append((plus - minus) / (2 * step))
+            jacobian = torch.cat(columns).double().T  # (outputs, d)
+            metric += jacobian.T @ jacobian / len(chosen)
+    return metric
+
+
+class NefCodeVAE(nn.Module):
+    """Weights ``(b, p)`` -> codes ``(b, t, w)`` -> weights ``(b, p)``, through a `NefAutoencoder`'s latents.
+
+    Args:
+        config: sizes (`NefCodeConfig`).
+        autoencoder: the trained `NefAutoencoder` whose latents the codes compress (kept, frozen, as a submodule).
+        centre: ``(d,)`` the training fields' mean latents.
+        root, inverse_root: ``(d, d)`` M^½ and M^-½ of the decoder's metric.
+        scale: the shape-weighted coordinates' RMS (a number).
+        order: ``(c,)`` the code dimensions' order (a permutation; None: as the encoder emits them).
+    """
+
+    def __init__(self, config: NefCodeConfig, autoencoder: NefAutoencoder, centre: torch.Tensor | None = None,
+                 root: torch.Tensor | None = None, inverse_root: torch.Tensor | None = None, scale: float = 1.0,
+                 order: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.autoencoder = autoencoder.eval().requires_grad_(False)
+        d = autoencoder.num_tokens * autoencoder.config.latent_dim
+        self.register_buffer("centre", torch.zeros(d, dtype=torch.float64) if centre is None else centre.double())
+        self.register_buffer("root", torch.eye(d, dtype=torch.float64) if root is None else root.double())
+        self.register_buffer("inverse_root", torch.eye(d, dtype=torch.float64) if inverse_root is None
+                             else inverse_root.double())
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
+        self.register_buffer("order", torch.arange(config.code_dim) if order is None else order.long().clone())
+        self.encoder = _mlp(d, 2 * config.code_dim, config.width)
+        self.decoder = _mlp(config.code_dim, d, config.width)
+
+    @property
+    def spec(self):
+        return self.autoencoder.spec
+
+    @property
+    def num_tokens(self) -> int:
+        """NefGPT positions per field."""
+        return self.config.code_dim // self.config.chunk_width
+
+    @property
+    def chunk_width(self) -> int:
+        return self.config.chunk_width
+
+    # ------------------------------------------------------------------------------------------ coordinates
+    def to_coordinates(self, latents: torch.Tensor) -> torch.Tensor:
+        """``(b, t', l)`` autoencoder latents -> ``(b, d)`` float32 shape-weighted coordinates."""
+        flat = latents.flatten(1).double()
+        return ((flat - self.centre) @ self.root / self.scale).float()
+
+    def from_coordinates(self, y: torch.Tensor) -> torch.Tensor:
+        """``(b, d)`` shape-weighted coordinates -> ``(b, t', l)`` float32 autoencoder latents."""
+        flat = self.centre + y.double() * self.scale @ self.inverse_root
+        return flat.float().view(len(y), self.autoencoder.num_tokens, self.autoencoder.config.latent_dim)
+
+    def posterior(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, log-variance)``, each ``(b, c)``, of q(code | y), in the sorted order."""
+        mean, log_var = self.encoder(y).chunk(2, -1)
+        return mean[:, self.order], log_var[:, self.order]
+
+    # ------------------------------------------------------------------------------------------ codes
+    def encode(self, weights: torch.Tensor) -> torch.Tensor:
+        """``(b, p)`` weights -> ``(b, t, w)`` codes (the posterior means)."""
+        mean, _ = self.posterior(self.to_coordinates(self.autoencoder.encode(weights.float())))
+        return mean.view(len(weights), self.num_tokens, self.chunk_width)
+
+    def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.ndim == 2 and codes.shape[1] == self.config.code_dim:
+            codes = codes.view(len(codes), self.num_tokens, self.chunk_width)
+        if codes.ndim != 3 or tuple(codes.shape[1:]) != (self.num_tokens, self.chunk_width):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit this NefCodeVAE: expected "
+                             f"(b, {self.num_tokens}, {self.chunk_width}) or (b, {self.config.code_dim})")
+        return codes
+
+    def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(b, t, w)`` (or ``(b, c)``) codes -> ``(b, t', l)`` autoencoder latents."""
+        codes = self.check_codes(codes)
+        flat = codes.flatten(1).float()[:, self.order.argsort()]
+        return self.from_coordinates(self.decoder(flat))
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(b, t, w)`` (or ``(b, c)``) codes -> ``(b, p)`` weights."""
+        return self.autoencoder.decode(self.decode_latents(codes))
+
+    # ------------------------------------------------------------------------------------------ files
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """``config.json`` (this config and the autoencoder's) + ``model.safetensors`` (both models' parameters
+        and buffers)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(save_directory, exist_ok=True)
+        settings = {"model_type": MODEL_TYPE, **asdict(self.config), "autoencoder": asdict(self.autoencoder.config)}
+        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=2, sort_keys=True)
+        state = {key: value.detach().contiguous() for key, value in self.state_dict().items()}
+        save_file(state, os.path.join(save_directory, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "NefCodeVAE":
+        from safetensors.torch import load_file
+
+        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{directory} is not a saved NefCodeVAE: {os.path.basename(path)} is missing")
+        with open(config_path, encoding="utf-8") as handle:
+            settings = json.load(handle)
+        if settings.pop("model_type", None) != MODEL_TYPE:
+            raise ValueError(f"{config_path} does not describe a NefCodeVAE")
+        autoencoder_settings = settings.pop("autoencoder")
+        state = load_file(weights_path)
+        prefix = "autoencoder."
+        inner = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+        shared_init = inner["shared_init"] if bool(inner["has_shared_init"]) else None
+        autoencoder = NefAutoencoder(NefAutoencoderConfig(**autoencoder_settings), shared_init, inner["scale"])
+        model = cls(NefCodeConfig(**settings), autoencoder)
+        model.load_state_dict(state)  # strict: a file missing a tensor is an error, not a default
+        return model.eval()
+
+
+def train_code_vae(autoencoder: NefAutoencoder, weights: torch.Tensor, kind: str,
+                   config: NefCodeConfig | None = None, progress: bool = True,
+                   batch_size: int = 256) -> tuple[NefCodeVAE, dict]:
+    """Train a `NefCodeVAE` over ``autoencoder``'s latents of ``weights (b, p)`` (the module doc's steps 1-4);
+    ``kind`` as in `decoder_metric`. Returns the model (eval mode, CPU) and its training statistics:
+    ``{"kl", "reconstruction_mse", "active_dims", "code_spread"}`` (the last epoch's mean KL per field, the mean
+    squared error of the posterior means' reconstructions in the unit-RMS coordinates, the code dimensions whose
+    posterior means spread with std > 0.1 over the fields, and those stds)."""
+    from tqdm.auto import trange
+
+    config = config or NefCodeConfig()
+    autoencoder = autoencoder.cpu().eval()
+    autoencoder.spec.check_weights(weights)
+    if len(weights) < 2:
+        raise ValueError(f"a NefCodeVAE needs >= 2 training fields, got {len(weights)}")
+    with torch.no_grad():
+        latents = torch.cat([autoencoder.encode(part.float()) for part in weights.split(batch_size)])
+    metric = decoder_metric(autoencoder, kind, latents, config.metric_items, config.metric_step, config.seed,
+                            progress=progress)
+    eigenvalues, eigenvectors = torch.linalg.eigh(metric)
+    if not bool(eigenvalues[-1] > 0):
+        raise ValueError("the decoder's metric is zero: the autoencoder's outputs do not change with its latents")
+    eigenvalues = eigenvalues.clamp_min(0) + eigenvalues[-1] * 1e-6
+    root = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T
+    inverse_root = eigenvectors @ torch.diag(1 / eigenvalues.sqrt()) @ eigenvectors.T
+    centre = latents.flatten(1).double().mean(0)
+    y = (latents.flatten(1).double() - centre) @ root
+    scale = float(y.pow(2).mean().sqrt())
+    model = NefCodeVAE(config, autoencoder, centre, root, inverse_root, scale)
+    y = model.to_coordinates(latents)
+    torch.manual_seed(config.seed)
+    model.encoder.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+    model.decoder.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+    parameters = [*model.encoder.parameters(), *model.decoder.parameters()]
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
+    generator = torch.Generator().manual_seed(config.seed)
+    model.train()
+    bar = trange(config.steps, desc="code VAE", unit="step", mininterval=1.0, disable=not progress)
+    for _ in bar:
+        batch = y[torch.randint(0, len(y), (config.batch_size,), generator=generator)]
+        mean, log_var = model.encoder(batch).chunk(2, -1)
+        code = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=generator)
+        reconstruction = ((model.decoder(code) - batch) ** 2).sum(1) / (2 * config.sigma2)
+        kl = 0.5 * (mean ** 2 + log_var.exp() - 1 - log_var).sum(1)
+        loss = (reconstruction + kl).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        mean, log_var = model.encoder(y).chunk(2, -1)
+        spread = mean.std(0)
+        model.order.copy_(spread.argsort(descending=True))
+        kl = 0.5 * (mean ** 2 + log_var.exp() - 1 - log_var).sum(1).mean()
+        error = ((model.decoder(mean) - y) ** 2).mean()
+    stats = {"kl": float(kl), "reconstruction_mse": float(error), "active_dims": int((spread > 0.1).sum()),
+             "code_spread": [round(float(v), 4) for v in spread[model.order]]}
+    return model, stats
+
+
+@torch.no_grad()
+def posterior_draws(model: NefCodeVAE, weights: torch.Tensor, draws: int, seed: int = 0,
+                    batch_size: int = 256) -> torch.Tensor:
+    """``(draws * b, t, w)`` codes of ``weights (b, p)``: ``draws`` rounds of one draw from q(code | field) per
+    field (round r holds rows r*b .. r*b + b-1, in the fields' order); ``draws=0``: the posterior means ``(b, t, w)``."""
+    y = torch.cat([model.to_coordinates(model.autoencoder.encode(part.float())) for part in weights.split(batch_size)])
+    mean, log_var = model.posterior(y)
+    if draws == 0:
+        codes = mean
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        codes = torch.cat([mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=generator)
+                           for _ in range(draws)])
+    return codes.view(len(codes), model.num_tokens, model.chunk_width)
+
+
+__all__ = ["NefCodeConfig", "NefCodeVAE", "decoder_metric", "posterior_draws", "train_code_vae"]

@@ -1,0 +1,177 @@
+"""The code strategy: `NefCodeVAE` (a VAE over a `NefAutoencoder`'s latents in shape-weighted coordinates), its
+decoder metric, files, training, and its place in `train_tokenizer`, `load_tokenization` and the pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nef_transformers.data.metadata import make_weight_dataset
+from nef_transformers.fields.siren import siren_init
+from nef_transformers.fields.spec import SirenSpec
+from nef_transformers.tokenization.code import (NefCodeConfig, NefCodeVAE, decoder_metric, posterior_draws,
+                                                train_code_vae)
+from nef_transformers.tokenization.learned import NefAutoencoder, NefAutoencoderConfig
+from nef_transformers.tokenization.train import load_tokenization, train_tokenizer
+
+SPEC = SirenSpec(in_dim=2, out_dim=1, hidden_dim=8, num_layers=3)
+SOURCE = {"kind": "image", "name": "synthetic", "image_shape": [6, 6, 1], "mean": [0.0], "std": [1.0]}
+SMALL = dict(code_dim=8, chunk_width=2, width=32, steps=300, batch_size=16, metric_items=6, draws=3)
+
+
+def tiny_autoencoder(dtype=torch.float32):
+    torch.manual_seed(0)
+    init = siren_init(SPEC, 1, generator=torch.Generator().manual_seed(0))[0]
+    config = NefAutoencoderConfig(spec=SPEC.to_dict(), latent_dim=2, hidden_size=8, num_heads=2)
+    return NefAutoencoder(config, init).eval().to(dtype), init
+
+
+@pytest.fixture(scope="module")
+def trained():
+    autoencoder, init = tiny_autoencoder()
+    generator = torch.Generator().manual_seed(1)
+    weights = init + 0.05 * torch.randn(40, SPEC.num_params, generator=generator)
+    model, stats = train_code_vae(autoencoder, weights, "image", NefCodeConfig(**SMALL), progress=False)
+    return model, stats, weights
+
+
+def test_decoder_metric_is_the_mean_of_the_exact_jacobians_gram_matrices():
+    from nef_transformers.data.images import image_grid
+    from nef_transformers.fields.siren import siren_forward
+
+    autoencoder, _ = tiny_autoencoder(torch.float64)
+    latents = torch.randn(5, autoencoder.num_tokens, 2, dtype=torch.float64)
+    metric = decoder_metric(autoencoder, "image", latents, items=3, step=1e-4, progress=False)
+    chosen = torch.randperm(5, generator=torch.Generator().manual_seed(0))[:3]
+    grid = image_grid(14, 14).double()
+
+    def outputs(flat):
+        return siren_forward(SPEC, autoencoder.decode(flat.view(1, *latents.shape[1:])), grid).flatten()
+
+    jacobians = [torch.autograd.functional.jacobian(outputs, latents[i].flatten()) for i in chosen]
+    expected = sum(j.T @ j for j in jacobians) / 3
+    assert metric.shape == (latents[0].numel(),) * 2 and torch.allclose(metric, metric.T)
+    # central differences of step 1e-4 against autograd: agree to 0.2 % of the largest entry
+    assert torch.allclose(metric, expected, rtol=1e-2, atol=2e-3 * float(expected.abs().max()))
+    # a different choice of fields gives a different metric: the seed picks which fields
+    assert not torch.allclose(metric, decoder_metric(autoencoder, "image", latents, items=3, step=1e-4, seed=1,
+                                                     progress=False))
+    with pytest.raises(ValueError, match="kind must be 'occupancy'"):
+        decoder_metric(autoencoder, "voxels", latents, items=3)
+
+
+def test_coordinates_invert_and_codes_round_trip_their_files(trained, tmp_path):
+    model, _, weights = trained
+    with torch.no_grad():
+        latents = model.autoencoder.encode(weights)
+        back = model.from_coordinates(model.to_coordinates(latents))
+        assert torch.allclose(back, latents, atol=1e-4 * float(latents.abs().max()))
+        codes = model.encode(weights)
+        assert codes.shape == (40, 4, 2)
+        decoded = model.decode(codes)
+        # (b, t, w) and flat (b, c) codes decode alike
+        assert torch.equal(decoded, model.decode(codes.flatten(1)))
+    model.save_pretrained(tmp_path)
+    settings = json.loads((tmp_path / "config.json").read_text())
+    assert settings["model_type"] == "nef_code_vae" and settings["autoencoder"]["latent_dim"] == 2
+    reloaded = load_tokenization(tmp_path)
+    assert isinstance(reloaded, NefCodeVAE) and reloaded.config == model.config
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode(weights), codes) and torch.equal(reloaded.decode(codes), decoded)
+    assert torch.equal(reloaded.order, model.order)
+    with pytest.raises(ValueError, match=r"expected \(b, 4, 2\) or \(b, 8\)"):
+        model.decode(torch.zeros(2, 4, 3))
+    # a folder missing its weights, or holding another model, is refused rather than filled with defaults
+    (tmp_path / "config.json").write_text(json.dumps({**settings, "model_type": "nef_gpt"}))
+    with pytest.raises(ValueError, match="does not describe a NefCodeVAE"):
+        NefCodeVAE.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        NefCodeVAE.from_pretrained(tmp_path)
+
+
+def test_training_reconstructs_and_sorts_the_codes(trained):
+    model, stats, weights = trained
+    # the coordinates have unit RMS: predicting their mean scores 1; the VAE's reconstructions do better
+    assert stats["reconstruction_mse"] < 0.5
+    spread = stats["code_spread"]
+    assert spread == sorted(spread, reverse=True) and len(spread) == 8
+    with torch.no_grad():
+        codes = model.encode(weights).flatten(1)
+    assert torch.allclose(codes.std(0), torch.tensor(spread), atol=1e-3)  # the stored order is the codes' order
+    # seeded: the same settings give the same model
+    again, _ = train_code_vae(model.autoencoder, weights, "image", model.config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(again.encode(weights), model.encode(weights))
+
+
+def test_posterior_draws_scatter_around_the_means(trained):
+    model, _, weights = trained
+    with torch.no_grad():
+        means = model.encode(weights)
+        _, log_var = model.posterior(model.to_coordinates(model.autoencoder.encode(weights)))
+    assert torch.equal(posterior_draws(model, weights, 0), means)
+    draws = posterior_draws(model, weights, 200, seed=3)
+    assert draws.shape == (200 * 40, 4, 2)
+    rounds = draws.view(200, 40, 8)
+    assert torch.allclose(rounds.mean(0), means.flatten(1), atol=0.35)
+    # each field's draws spread as its posterior says (std within 20 % over 200 draws)
+    ratio = rounds.std(0) / (0.5 * log_var).exp()
+    assert float((ratio - 1).abs().max()) < 0.2
+    assert torch.equal(draws, posterior_draws(model, weights, 200, seed=3))
+
+
+def test_code_strategy_writes_draws_and_a_generation_folder(trained, tmp_path):
+    from transformers import pipeline
+
+    from nef_transformers.models.nef_gpt import NefGPTConfig, NefGPTForWeightRegression
+    from nef_transformers.pipelines.neural_field_generation import TASK
+
+    model, _, weights = trained
+    _, init = tiny_autoencoder()
+    dataset = make_weight_dataset(weights, np.arange(40) % 10, SPEC, init, SOURCE)
+    result = train_tokenizer(dataset, "code", out_dir=tmp_path, autoencoder=model.autoencoder,
+                             code_config=NefCodeConfig(**SMALL), progress=False)
+    chunks = torch.tensor(np.asarray(result.dataset.with_format("numpy")["chunks"][:]))
+    assert chunks.shape == (3 * 40, 4, 2)
+    assert result.dataset["index"] == list(dataset["index"]) * 3
+    assert result.dataset["label"] == list(dataset["label"]) * 3
+    assert torch.allclose(chunks, posterior_draws(result.tokenizer, weights, 3), atol=1e-6)
+    info = json.loads((tmp_path / "tokenize.json").read_text())
+    assert info["tokens_per_field"] == 4 and info["rows_per_field"] == 3 and info["strategy"] == "code"
+    vae = load_tokenization(tmp_path)
+    assert isinstance(vae, NefCodeVAE)
+    other = SirenSpec(in_dim=2, out_dim=1, hidden_dim=4, num_layers=3)
+    wrong = make_weight_dataset(siren_init(other, 4), np.arange(4), other, None, SOURCE)
+    with pytest.raises(ValueError, match="the autoencoder decodes"):
+        train_tokenizer(wrong, "code", autoencoder=model.autoencoder, progress=False)
+    # NefGPT over the codes: the pipeline decodes its samples through the VAE, then the autoencoder
+    config = NefGPTConfig(chunk_dim=2, max_position_embeddings=4, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_mixtures=2, field_spec=SPEC.to_dict(), field_source=SOURCE)
+    gpt = NefGPTForWeightRegression(config).eval()
+    pipe = pipeline(TASK, model=gpt, tokenizer=vae)
+    sampled = torch.stack([s["weights"] for s in pipe(num_samples=3, seed=2, top_k=1, temperature=0.8, output_type="weights")])
+    with torch.no_grad():
+        assert torch.equal(sampled, vae.decode(gpt.sample(3, seed=2, top_k=1, temperature=0.8)))
+    pipe.save_pretrained(tmp_path / "gpt")
+    reloaded = pipeline(TASK, model=str(tmp_path / "gpt"))
+    assert isinstance(reloaded.tokenizer, NefCodeVAE)
+    assert torch.equal(torch.stack([s["weights"] for s in reloaded(num_samples=3, seed=2, top_k=1, temperature=0.8,
+                                                             output_type="weights")]),
+                       sampled)
+    # a model whose chunks do not fit the codes is refused
+    with pytest.raises(ValueError, match=r"decodes \(4, 2\)"):
+        pipeline(TASK, model=NefGPTForWeightRegression(NefGPTConfig(**{**config.to_dict(), "chunk_dim": 3})),
+                 tokenizer=vae)
+
+
+def test_config_refuses_bad_settings():
+    with pytest.raises(ValueError, match=r"chunk_width \(3\) must divide code_dim \(32\)"):
+        NefCodeConfig(chunk_width=3)
+    with pytest.raises(ValueError, match="sigma2 must be > 0"):
+        NefCodeConfig(sigma2=0.0)
+    with pytest.raises(ValueError, match="draws must be an int >= 0"):
+        NefCodeConfig(draws=-1)
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        NefCodeConfig(steps=0)
