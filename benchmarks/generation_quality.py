@@ -80,6 +80,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--code-steps", type=int, default=4000, help="code strategy: VAE optimizer steps")
     parser.add_argument("--code-draws", type=int, default=8,
                         help="code strategy: posterior draws per training field in NefGPT's training set (0: means)")
+    parser.add_argument("--code-epochs", type=int, default=None,
+                        help="code strategy: NefGPT epochs over its (fields x draws) rows (default: --epochs)")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
     parser.add_argument("--latent-noise-scale", type=float, default=0.3,
                         help="noisy-latent: noise std / each latent entry's std")
@@ -122,6 +124,7 @@ def main(argv=None) -> list[dict]:
         t0 = time.perf_counter()
         run.config.strategy = strategy
         run.config.max_train_steps = args.vq_steps if strategy == "vq" else None
+        run.config.num_train_epochs = args.code_epochs if strategy == "code" and args.code_epochs else args.epochs
         run.train(strategy, ["--per_device_train_batch_size", str(args.vq_batch_size)] if strategy == "vq" else ())
         timings[f"train_{strategy}"] = time.perf_counter() - t0
         if strategy == "learned":  # the ceiling of the prior (training fields through the autoencoder), the

@@ -201,7 +201,9 @@ def _untied(state: dict) -> dict:
 
 
 def load_splits(path: str, validation_split: float, seed: int):
-    """``(train, validation)`` `datasets.Dataset`s from a save_to_disk folder (split off when absent)."""
+    """``(train, validation)`` `datasets.Dataset`s from a save_to_disk folder (split off when absent: a random
+    ``validation_split`` share of the rows, or of the fields when an ``index`` column repeats, all rows of a held-out
+    field going to validation)."""
     from datasets import DatasetDict, load_from_disk
 
     if not Path(path).exists():
@@ -220,6 +222,17 @@ def load_splits(path: str, validation_split: float, seed: int):
     if validation is None:
         if validation_split == 0 or len(train) < 2:
             return train, None
+        if "index" in train.column_names:  # several rows of one field (the code strategy's posterior draws): split
+            import numpy as np  # by field, so that no validation field has rows in training
+
+            index = np.asarray(train["index"])
+            fields = np.unique(index)
+            if len(fields) < len(index):
+                if len(fields) < 2:
+                    return train, None
+                chosen = np.random.default_rng(seed).permutation(fields)[:max(1, round(validation_split * len(fields)))]
+                held = np.isin(index, chosen)
+                return train.select(np.flatnonzero(~held)), train.select(np.flatnonzero(held))
         num_val = max(1, round(validation_split * len(train)))
         parts = train.train_test_split(test_size=num_val, seed=seed, shuffle=True)
         train, validation = parts["train"], parts["test"]

@@ -175,3 +175,23 @@ def test_config_refuses_bad_settings():
         NefCodeConfig(draws=-1)
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         NefCodeConfig(steps=0)
+
+
+def test_training_holds_out_whole_fields_when_rows_repeat(tmp_path):
+    from datasets import Dataset
+
+    from nef_transformers.training import load_splits
+
+    rows = Dataset.from_dict({"chunks": torch.randn(3 * 20, 4, 2).tolist(), "index": list(range(20)) * 3,
+                              "label": [0] * 60})
+    rows.save_to_disk(str(tmp_path / "draws"))
+    train, validation = load_splits(str(tmp_path / "draws"), 0.1, seed=0)
+    assert len(validation) == 3 * 2 and len(train) == 3 * 18  # 2 of 20 fields, with all three of their rows
+    assert not set(train["index"]) & set(validation["index"])
+    again, _ = load_splits(str(tmp_path / "draws"), 0.1, seed=0)
+    assert again["index"] == train["index"]
+    # one row per field: the plain row split, as before
+    Dataset.from_dict({"chunks": torch.randn(20, 4, 2).tolist(), "index": list(range(20)), "label": [0] * 20}) \
+        .save_to_disk(str(tmp_path / "means"))
+    train, validation = load_splits(str(tmp_path / "means"), 0.1, seed=0)
+    assert len(validation) == 2 and len(train) == 18
