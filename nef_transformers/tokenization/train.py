@@ -308,8 +308,8 @@ def train_tokenizer(
         elif autoencoder.spec != spec:
             raise ValueError(f"the autoencoder decodes {autoencoder.spec} but the weight dataset holds {spec}")
         code_config = code_config or NefCodeConfig()
-        tokenizer, stats = train_code_vae(autoencoder, weights, source.get("kind") or "image", code_config,
-                                          progress=progress)
+        kind = source.get("kind") or ("occupancy" if spec.in_dim == 3 else "image")
+        tokenizer, stats = train_code_vae(autoencoder, weights, kind, code_config, progress=progress)
         codes = posterior_draws(tokenizer, weights, code_config.draws, seed=code_config.seed)
         rounds = max(code_config.draws, 1)
         info.update(settings=asdict(code_config), autoencoder_settings=asdict(autoencoder.config),
