@@ -34,10 +34,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .learned import NefAutoencoder, NefAutoencoderConfig
+from .learned import CONFIG_NAME, WEIGHTS_NAME, NefAutoencoder, NefAutoencoderConfig, read_saved_model
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 MODEL_TYPE = "nef_code_vae"
 
 
@@ -248,18 +246,8 @@ class NefCodeVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "NefCodeVAE":
-        from safetensors.torch import load_file
-
-        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{directory} is not a saved NefCodeVAE: {os.path.basename(path)} is missing")
-        with open(config_path, encoding="utf-8") as handle:
-            settings = json.load(handle)
-        if settings.pop("model_type", None) != MODEL_TYPE:
-            raise ValueError(f"{config_path} does not describe a NefCodeVAE")
+        settings, state = read_saved_model(directory, MODEL_TYPE, cls.__name__)
         autoencoder_settings = settings.pop("autoencoder")
-        state = load_file(weights_path)
         prefix = "autoencoder."
         inner = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         shared_init = inner["shared_init"] if bool(inner["has_shared_init"]) else None

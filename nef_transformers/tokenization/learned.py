@@ -208,21 +208,29 @@ class NefAutoencoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "NefAutoencoder":
-        from safetensors.torch import load_file
-
-        config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{directory} is not a saved NefAutoencoder: {os.path.basename(path)} is missing")
-        with open(config_path, encoding="utf-8") as handle:
-            settings = json.load(handle)
-        if settings.pop("model_type", None) != "nef_autoencoder":
-            raise ValueError(f"{config_path} does not describe a NefAutoencoder")
-        state = load_file(weights_path)
+        settings, state = read_saved_model(directory, "nef_autoencoder", cls.__name__)
         shared_init = state["shared_init"] if bool(state["has_shared_init"]) else None
         model = cls(NefAutoencoderConfig(**settings), shared_init, state["scale"])
         model.load_state_dict(state)
         return model.eval()
+
+
+def read_saved_model(directory: str | os.PathLike, model_type: str, name: str) -> tuple[dict, dict]:
+    """``(settings, state)`` of a folder written by a ``save_pretrained`` here: ``config.json`` without its
+    ``model_type`` (which must be ``model_type``) and the tensors of ``model.safetensors`` (never a pickle).
+    Raises a `FileNotFoundError` naming the missing file, a `ValueError` for a folder of another model (``name``
+    is the class the caller wanted)."""
+    from safetensors.torch import load_file
+
+    config_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} is not a saved {name}: {os.path.basename(path)} is missing")
+    with open(config_path, encoding="utf-8") as handle:
+        settings = json.load(handle)
+    if settings.pop("model_type", None) != model_type:
+        raise ValueError(f"{config_path} does not describe a {name}")
+    return settings, load_file(weights_path)
 
 
 def train_autoencoder(
