@@ -43,9 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--strategy", choices=("naive", "vq", "learned", "code"), default="learned",
                         help="weight tokenization (default learned: neuron-autoencoder latents, the best generator in "
-                             "benchmarks/generation_quality.py; code: a VAE's short code over those latents, ~2 min "
-                             "more; naive: continuous per-neuron chunks; vq: one token per weight, ~18x longer "
-                             "sequences)")
+                             "benchmarks/generation_quality.py; code: a VAE's short code over those latents, whose "
+                             "NefGPT epochs run over 8 posterior draws per field, 8x the steps; naive: continuous "
+                             "per-neuron chunks; vq: one token per weight, ~18x longer sequences)")
     parser.add_argument("--num-items", type=_positive_int, default=None,
                         help="use a seeded subset of the source (default: all of it), split 80/20")
     parser.add_argument("--fit-steps", type=_positive_int, default=None, help="Adam steps per field (default: per source)")
