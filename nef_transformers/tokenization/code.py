@@ -287,9 +287,10 @@ def train_code_vae(autoencoder: NefAutoencoder, weights: torch.Tensor, kind: str
     scale = float(y.pow(2).mean().sqrt())
     model = NefCodeVAE(config, autoencoder, centre, root, inverse_root, scale)
     y = model.to_coordinates(latents)
-    torch.manual_seed(config.seed)
-    model.encoder.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
-    model.decoder.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+    with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's global RNG alone
+        torch.manual_seed(config.seed)
+        model.encoder.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
+        model.decoder.apply(lambda m: m.reset_parameters() if isinstance(m, nn.Linear) else None)
     parameters = [*model.encoder.parameters(), *model.decoder.parameters()]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate)
     generator = torch.Generator().manual_seed(config.seed)
