@@ -1,4 +1,5 @@
-"""benchmarks/code_prior.py: the code draws (the decoder's metric is tested with the package, test_tokenization_code.py)."""
+"""benchmarks/code_prior.py: the code draws (the decoder's metric is tested with the package, in
+test_tokenization_code.py)."""
 
 import importlib.util
 from pathlib import Path

@@ -154,15 +154,14 @@ def test_code_strategy_writes_draws_and_a_generation_folder(trained, tmp_path):
                           num_attention_heads=2, num_mixtures=2, field_spec=SPEC.to_dict(), field_source=SOURCE)
     gpt = NefGPTForWeightRegression(config).eval()
     pipe = pipeline(TASK, model=gpt, tokenizer=vae)
-    sampled = torch.stack([s["weights"] for s in pipe(num_samples=3, seed=2, top_k=1, temperature=0.8, output_type="weights")])
+    options = dict(num_samples=3, seed=2, top_k=1, temperature=0.8, output_type="weights")
+    sampled = torch.stack([s["weights"] for s in pipe(**options)])
     with torch.no_grad():
         assert torch.equal(sampled, vae.decode(gpt.sample(3, seed=2, top_k=1, temperature=0.8)))
     pipe.save_pretrained(tmp_path / "gpt")
     reloaded = pipeline(TASK, model=str(tmp_path / "gpt"))
     assert isinstance(reloaded.tokenizer, NefCodeVAE)
-    assert torch.equal(torch.stack([s["weights"] for s in reloaded(num_samples=3, seed=2, top_k=1, temperature=0.8,
-                                                             output_type="weights")]),
-                       sampled)
+    assert torch.equal(torch.stack([s["weights"] for s in reloaded(**options)]), sampled)
     # a model whose chunks do not fit the codes is refused
     with pytest.raises(ValueError, match=r"decodes \(4, 2\)"):
         pipeline(TASK, model=NefGPTForWeightRegression(NefGPTConfig(**{**config.to_dict(), "chunk_dim": 3})),

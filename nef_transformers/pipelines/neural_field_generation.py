@@ -146,8 +146,8 @@ def find_tokenization(folder: str | os.PathLike):
     raise FileNotFoundError(
         f"{folder} holds no tokenizer: expected a NefVQTokenizer at its root (tokenizer_config.json + "
         f"{VOCAB_FILES_NAMES['codebook_file']}) or, for a regression model, a tokenizer/ folder with a NeuronChunker "
-        f"({CHUNKER_CONFIG_NAME}) a NefAutoencoder or a NefCodeVAE (config.json + model.safetensors); examples/train.py saves it "
-        "there, or pass tokenizer= to the pipeline"
+        f"({CHUNKER_CONFIG_NAME}), a NefAutoencoder or a NefCodeVAE (config.json + model.safetensors); "
+        "examples/train.py saves it there, or pass tokenizer= to the pipeline"
     )
 
 
@@ -378,7 +378,8 @@ class NeuralFieldGenerationPipeline(Pipeline):
             folder = getattr(model, "name_or_path", None)
             if not folder or not os.path.isdir(folder):
                 raise ValueError(f"the {TASK} pipeline needs the model's tokenization: pass tokenizer= (a "
-                                 "NefVQTokenizer, NeuronChunker, NefAutoencoder or NefCodeVAE, or its folder) or a model folder "
+                                 "NefVQTokenizer, NeuronChunker, NefAutoencoder or NefCodeVAE, or its folder) or a "
+                                 "model folder "
                                  "that holds it")
             tokenizer = find_tokenization(folder)
         check_tokenization(model, tokenizer)

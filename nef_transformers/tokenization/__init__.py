@@ -1,6 +1,7 @@
 """Weights -> sequences: per-neuron / per-scalar chunks with structure (`NeuronChunker`), hidden-unit canonical
 forms, residual VQ, the `NefVQTokenizer` (a `PreTrainedTokenizer`), a learned encoder-decoder
-(`NefAutoencoder`), a compact code per field over its latents (`NefCodeVAE`) and the training entry point `train_tokenizer`.
+(`NefAutoencoder`), a compact code per field over its latents (`NefCodeVAE`) and the training entry point
+`train_tokenizer`.
 
 Every name loads on first use: the modules that need transformers (`NefVQTokenizer`, `train_tokenizer`) are
 not imported by those that do not (`NeuronChunker`, `ResidualVQ`, the command-line parser).

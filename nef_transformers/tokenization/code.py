@@ -323,7 +323,8 @@ def train_code_vae(autoencoder: NefAutoencoder, weights: torch.Tensor, kind: str
 def posterior_draws(model: NefCodeVAE, weights: torch.Tensor, draws: int, seed: int = 0,
                     batch_size: int = 256) -> torch.Tensor:
     """``(draws * b, t, w)`` codes of ``weights (b, p)``: ``draws`` rounds of one draw from q(code | field) per
-    field (round r holds rows r*b .. r*b + b-1, in the fields' order); ``draws=0``: the posterior means ``(b, t, w)``."""
+    field (round r holds rows r*b .. r*b + b-1, in the fields' order); ``draws=0``: the posterior means
+    ``(b, t, w)``."""
     y = torch.cat([model.to_coordinates(model.autoencoder.encode(part.float())) for part in weights.split(batch_size)])
     mean, log_var = model.posterior(y)
     if draws == 0:
