@@ -108,7 +108,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from nef_transformers.experiment import Run, RunConfig, metrics_table
-    from nef_transformers.tokenization.code import decoder_metric
+    from nef_transformers.tokenization.code import decoder_metric, shape_weighted_frame
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,15 +120,8 @@ def main(argv=None) -> list[dict]:
     count = len(run.split()[1])
     started = time.perf_counter()
     metric = decoder_metric(autoencoder, run.kind, latents, args.metric_items)
-    eigenvalues, eigenvectors = torch.linalg.eigh(metric)
-    eigenvalues = eigenvalues.clamp_min(0) + eigenvalues[-1] * 1e-6
-    root = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T
-    inverse_root = eigenvectors @ torch.diag(1 / eigenvalues.sqrt()) @ eigenvectors.T
-    flat = latents.flatten(1).double()
-    centre = flat.mean(0)
-    y = (flat - centre) @ root
-    scale = y.pow(2).mean().sqrt()
-    y = (y / scale).float()
+    centre, root, inverse_root, scale = shape_weighted_frame(metric, latents)
+    y = ((latents.flatten(1).double() - centre) @ root / scale).float()
     encoder, decoder = train_vae(y, args.code_dim, args.sigma2, args.steps)
     print(f"metric and VAE: {time.perf_counter() - started:.0f} s", flush=True)
     rows = []

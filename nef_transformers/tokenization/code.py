@@ -150,6 +150,23 @@ def decoder_metric(autoencoder: NefAutoencoder, kind: str, latents: torch.Tensor
     return metric
 
 
+def shape_weighted_frame(metric: torch.Tensor, latents: torch.Tensor):
+    """``(centre, root, inverse_root, scale)`` of the shape-weighted coordinates y = M^½ (z - centre) / scale of
+    ``latents (b, t, l)`` under the decoder's ``metric`` M (`decoder_metric`): the latents' mean ``(d,)``, M^½ and
+    M^-½ ``(d, d)`` (float64; eigenvalues clamped at 0 plus 1e-6 of the largest, so M^-½ exists) and the RMS of
+    M^½ (z - centre) over the fields (a float)."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(metric)
+    if not bool(eigenvalues[-1] > 0):
+        raise ValueError("the decoder's metric is zero: the autoencoder's outputs do not change with its latents")
+    eigenvalues = eigenvalues.clamp_min(0) + eigenvalues[-1] * 1e-6
+    root = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T
+    inverse_root = eigenvectors @ torch.diag(1 / eigenvalues.sqrt()) @ eigenvectors.T
+    flat = latents.flatten(1).double()
+    centre = flat.mean(0)
+    scale = float(((flat - centre) @ root).pow(2).mean().sqrt())
+    return centre, root, inverse_root, scale
+
+
 class NefCodeVAE(nn.Module):
     """Weights ``(b, p)`` -> codes ``(b, t, w)`` -> weights ``(b, p)``, through a `NefAutoencoder`'s latents.
 
@@ -276,16 +293,7 @@ def train_code_vae(autoencoder: NefAutoencoder, weights: torch.Tensor, kind: str
         latents = torch.cat([autoencoder.encode(part.float()) for part in weights.split(batch_size)])
     metric = decoder_metric(autoencoder, kind, latents, config.metric_items, config.metric_step, config.seed,
                             progress=progress)
-    eigenvalues, eigenvectors = torch.linalg.eigh(metric)
-    if not bool(eigenvalues[-1] > 0):
-        raise ValueError("the decoder's metric is zero: the autoencoder's outputs do not change with its latents")
-    eigenvalues = eigenvalues.clamp_min(0) + eigenvalues[-1] * 1e-6
-    root = eigenvectors @ torch.diag(eigenvalues.sqrt()) @ eigenvectors.T
-    inverse_root = eigenvectors @ torch.diag(1 / eigenvalues.sqrt()) @ eigenvectors.T
-    centre = latents.flatten(1).double().mean(0)
-    y = (latents.flatten(1).double() - centre) @ root
-    scale = float(y.pow(2).mean().sqrt())
-    model = NefCodeVAE(config, autoencoder, centre, root, inverse_root, scale)
+    model = NefCodeVAE(config, autoencoder, *shape_weighted_frame(metric, latents))
     y = model.to_coordinates(latents)
     with torch.random.fork_rng():  # a seeded initialisation that leaves the caller's global RNG alone
         torch.manual_seed(config.seed)
@@ -336,4 +344,5 @@ def posterior_draws(model: NefCodeVAE, weights: torch.Tensor, draws: int, seed: 
     return codes.view(len(codes), model.num_tokens, model.chunk_width)
 
 
-__all__ = ["NefCodeConfig", "NefCodeVAE", "decoder_metric", "posterior_draws", "train_code_vae"]
+__all__ = ["NefCodeConfig", "NefCodeVAE", "decoder_metric", "posterior_draws", "shape_weighted_frame",
+           "train_code_vae"]
