@@ -796,11 +796,12 @@ METRIC_COLUMNS = (("mmd", "MMD ↓", "{:.4g}"), ("cov", "COV ↑", "{:.1%}"), ("
 
 
 def metrics_table(rows: list[dict]) -> str:
-    """A Markdown table of result rows (None shown as "–")."""
+    """A Markdown table of result rows (None shown as "–"; a sampling seed other than 0 beside the generator)."""
     head = ["generator", "top-k", "temp.", "invalid"] + [title for _, title, _ in METRIC_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["strategy"], str(row.get("top_k") if row.get("top_k") is not None else "–"),
+        name = row["strategy"] + (f" (seed {row['seed']})" if row.get("seed") not in (None, 0) else "")
+        cells = [name, str(row.get("top_k") if row.get("top_k") is not None else "–"),
                  str(row.get("temperature") if row.get("temperature") is not None else "–"),
                  f"{row['invalid']}/{row['num_samples']}"]
         for key, _, fmt in METRIC_COLUMNS:

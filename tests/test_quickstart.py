@@ -131,6 +131,10 @@ def test_metrics_table_shows_missing_values_as_dashes():
     # the two halves of the 1-NNA side by side: samples / references
     row.update(one_nna=0.67, one_nna_samples=0.36, one_nna_references=0.98)
     assert "| 67.0% | 36% / 98% |" in metrics_table([row])
+    # a sampling seed other than the default is named beside the generator, so per-seed rows stay apart
+    rows = [{**row, "strategy": "code", "seed": 0}, {**row, "strategy": "code", "seed": 2}]
+    table = metrics_table(rows)
+    assert "| code | – |" in table and "| code (seed 2) | – |" in table
 
 
 def _read_metrics(out):
