@@ -379,8 +379,7 @@ class NeuralFieldGenerationPipeline(Pipeline):
             if not folder or not os.path.isdir(folder):
                 raise ValueError(f"the {TASK} pipeline needs the model's tokenization: pass tokenizer= (a "
                                  "NefVQTokenizer, NeuronChunker, NefAutoencoder or NefCodeVAE, or its folder) or a "
-                                 "model folder "
-                                 "that holds it")
+                                 "model folder that holds it")
             tokenizer = find_tokenization(folder)
         check_tokenization(model, tokenizer)
         super().__init__(model=model, tokenizer=tokenizer, **kwargs)
