@@ -168,6 +168,54 @@ def test_code_strategy_writes_draws_and_a_generation_folder(trained, tmp_path):
                  tokenizer=vae)
 
 
+def test_drop_inactive_keeps_the_dimensions_in_use_and_decodes_the_rest_at_zero(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    autoencoder, init = tiny_autoencoder()
+    weights = init + 0.05 * torch.randn(40, SPEC.num_params, generator=torch.Generator().manual_seed(1))
+    # a strong pull to the prior (sigma2 3) leaves some of 16 dimensions unused
+    settings = {**SMALL, "code_dim": 16, "sigma2": 3.0, "steps": 600}
+    full, full_stats = train_code_vae(autoencoder, weights, "image", NefCodeConfig(**settings), progress=False)
+    model, stats = train_code_vae(autoencoder, weights, "image", NefCodeConfig(**settings, drop_inactive=True),
+                                  progress=False)
+    spread = torch.tensor(stats["code_spread"])  # in the sorted order
+    active = int((spread > 0.1).sum())
+    assert 0 < active < 15 and stats["active_dims"] == active == full_stats["active_dims"]
+    # kept: the dimensions in use, padded with the next ones to whole chunks of 2
+    assert stats["kept_dims"] == model.code_length == 2 * ((active + 1) // 2) < 16
+    assert torch.equal(spread, spread.sort(descending=True).values)
+    with torch.no_grad():
+        codes = model.encode(weights)
+        assert codes.shape == (40, model.code_length // 2, 2) and model.num_tokens == model.code_length // 2
+        # the same VAE (seeded) as without drop_inactive: its sorted means, cut after the kept dimensions
+        means = full.encode(weights).flatten(1)[:, model.order]
+        assert torch.allclose(codes.flatten(1), means[:, :model.code_length], atol=1e-6)
+        # decoding puts the dropped dimensions at 0: as the full VAE decoding those means with the rest zeroed
+        zeroed = means.clone()
+        zeroed[:, model.code_length:] = 0
+        assert torch.allclose(model.decode(codes), full.decode(zeroed[:, model.order.argsort()]), atol=1e-5)
+        # the unused dimensions hardly move the fields (why dropping them is safe)
+        error = (model.decode(codes) - full.decode(full.encode(weights))).abs().max()
+        assert float(error) < 0.05 * float((weights - weights.mean(0)).abs().max())
+    assert posterior_draws(model, weights, 3).shape == (3 * 40, model.num_tokens, 2)
+    with pytest.raises(ValueError, match=rf"expected \(b, {model.num_tokens}, 2\) or \(b, {model.code_length}\)"):
+        model.decode(torch.zeros(2, 16))
+    # the kept count travels with the files; a file without it is refused, unless written before the option existed
+    model.save_pretrained(tmp_path)
+    reloaded = NefCodeVAE.from_pretrained(tmp_path)
+    assert reloaded.code_length == model.code_length and reloaded.config.drop_inactive
+    state = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in state.items() if k != "kept"}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(RuntimeError, match="kept"):
+        NefCodeVAE.from_pretrained(tmp_path)
+    settings_file = tmp_path / "config.json"
+    older = {k: v for k, v in json.loads(settings_file.read_text()).items() if k != "drop_inactive"}
+    settings_file.write_text(json.dumps(older))
+    assert NefCodeVAE.from_pretrained(tmp_path).code_length == 16  # before drop_inactive: every dimension
+    with pytest.raises(ValueError, match=r"kept \(3\) must be a multiple of chunk_width \(2\)"):
+        NefCodeVAE(NefCodeConfig(**settings), autoencoder, kept=3)
+
+
 def test_config_refuses_bad_settings():
     with pytest.raises(ValueError, match=r"chunk_width \(3\) must divide code_dim \(32\)"):
         NefCodeConfig(chunk_width=3)

@@ -14,7 +14,13 @@ more, into one short code per field that NefGPT draws in a few chunks:
 4. optionally (``sort_codes``), code dimensions sorted by how much the training fields' codes spread along them,
    so that NefGPT's first chunks carry the coarse shape. Not the default: on the chairs NefGPT over sorted codes
    scored 1-NNA 77.4 % against 74.6 % over the VAE's own order (3 sampling settings each, RESULTS.md session 10),
-   which mixes used and unused dimensions in every chunk.
+   which mixes used and unused dimensions in every chunk;
+5. optionally (``drop_inactive``), NefGPT's codes hold only the dimensions in use (sorted by spread, padded with the
+   next ones to whole chunks); the others, whose posteriors stay at the prior N(0, 1) whatever the field, are
+   decoded at its mean, 0. On the chairs 15 of 32 dimensions are in use and the other 17 are noise in every
+   training sequence. Not the default: NefGPT over the 16 kept dimensions overfits sooner (best validation step
+   125 against 325) and its samples read 1-NNA 72.2 % against 69.8 % over all 32 (the same VAE, five sampling
+   seeds each; RESULTS.md, session 12): the noise dimensions regularise it.
 
 `NefCodeVAE.encode` maps weights to ``(b, t, w)`` codes (the posterior means, cut into ``t`` chunks of ``w``),
 `NefCodeVAE.decode` maps codes back to weights. On the 711 training chairs (RESULTS.md, "Chairs, session 9"), a
@@ -37,6 +43,7 @@ from torch import nn
 from .learned import CONFIG_NAME, WEIGHTS_NAME, NefAutoencoder, NefAutoencoderConfig, read_saved_model
 
 MODEL_TYPE = "nef_code_vae"
+ACTIVE_SPREAD = 0.1  # a code dimension is in use when the training fields' posterior means spread with std above this
 
 
 @dataclass
@@ -58,6 +65,10 @@ class NefCodeConfig:
         metric_step (`float`, *optional*, defaults to 0.02): the central differences' step, in latent units.
         sort_codes (`bool`, *optional*, defaults to `False`): order the code dimensions by their spread over the
             training fields (the module doc's step 4).
+        drop_inactive (`bool`, *optional*, defaults to `False`): codes hold only the dimensions in use (posterior
+            means spreading with std > `ACTIVE_SPREAD` over the training fields), sorted by spread and padded with
+            the next ones to a multiple of ``chunk_width``; the rest decode at 0 (the module doc's step 5: worse
+            samples on the chairs).
         draws (`int`, *optional*, defaults to 8): codes per training field in the tokenised set: draws from the
             VAE's posterior q(code | field) (0: the posterior means only). NefGPT then learns the VAE's smoothed
             distribution instead of a few hundred points.
@@ -74,6 +85,7 @@ class NefCodeConfig:
     metric_items: int = 40
     metric_step: float = 0.02
     sort_codes: bool = False
+    drop_inactive: bool = False
     draws: int = 8
     seed: int = 0
 
@@ -177,11 +189,13 @@ class NefCodeVAE(nn.Module):
         root, inverse_root: ``(d, d)`` M^½ and M^-½ of the decoder's metric.
         scale: the shape-weighted coordinates' RMS (a number).
         order: ``(c,)`` the code dimensions' order (a permutation; None: as the encoder emits them).
+        kept: how many of the ordered dimensions the codes hold (None: all ``c``); the rest decode at 0
+            (``drop_inactive``).
     """
 
     def __init__(self, config: NefCodeConfig, autoencoder: NefAutoencoder, centre: torch.Tensor | None = None,
                  root: torch.Tensor | None = None, inverse_root: torch.Tensor | None = None, scale: float = 1.0,
-                 order: torch.Tensor | None = None):
+                 order: torch.Tensor | None = None, kept: int | None = None):
         super().__init__()
         self.config = config
         self.autoencoder = autoencoder.eval().requires_grad_(False)
@@ -192,6 +206,11 @@ class NefCodeVAE(nn.Module):
                              else inverse_root.double())
         self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float64))
         self.register_buffer("order", torch.arange(config.code_dim) if order is None else order.long().clone())
+        kept = config.code_dim if kept is None else kept
+        if not 0 < kept <= config.code_dim or kept % config.chunk_width:
+            raise ValueError(f"kept ({kept}) must be a multiple of chunk_width ({config.chunk_width}) in "
+                             f"[1, code_dim={config.code_dim}]")
+        self.register_buffer("kept", torch.tensor(kept))
         self.encoder = _mlp(d, 2 * config.code_dim, config.width)
         self.decoder = _mlp(config.code_dim, d, config.width)
 
@@ -202,7 +221,12 @@ class NefCodeVAE(nn.Module):
     @property
     def num_tokens(self) -> int:
         """NefGPT positions per field."""
-        return self.config.code_dim // self.config.chunk_width
+        return self.code_length // self.config.chunk_width
+
+    @property
+    def code_length(self) -> int:
+        """Numbers per field's code as NefGPT sees it: ``code_dim``, or the dimensions kept (``drop_inactive``)."""
+        return int(self.kept)
 
     @property
     def chunk_width(self) -> int:
@@ -220,7 +244,8 @@ class NefCodeVAE(nn.Module):
         return flat.float().view(len(y), self.autoencoder.num_tokens, self.autoencoder.config.latent_dim)
 
     def posterior(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, log-variance)``, each ``(b, c)``, of q(code | y), in the sorted order."""
+        """``(mean, log-variance)``, each ``(b, c)``, of q(code | y), in the sorted order (every dimension, kept
+        or not)."""
         mean, log_var = self.encoder(y).chunk(2, -1)
         return mean[:, self.order], log_var[:, self.order]
 
@@ -228,20 +253,22 @@ class NefCodeVAE(nn.Module):
     def encode(self, weights: torch.Tensor) -> torch.Tensor:
         """``(b, p)`` weights -> ``(b, t, w)`` codes (the posterior means)."""
         mean, _ = self.posterior(self.to_coordinates(self.autoencoder.encode(weights.float())))
-        return mean.view(len(weights), self.num_tokens, self.chunk_width)
+        return mean[:, :self.code_length].reshape(len(weights), self.num_tokens, self.chunk_width)
 
     def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if codes.ndim == 2 and codes.shape[1] == self.config.code_dim:
+        if codes.ndim == 2 and codes.shape[1] == self.code_length:
             codes = codes.view(len(codes), self.num_tokens, self.chunk_width)
         if codes.ndim != 3 or tuple(codes.shape[1:]) != (self.num_tokens, self.chunk_width):
             raise ValueError(f"codes of shape {tuple(codes.shape)} do not fit this NefCodeVAE: expected "
-                             f"(b, {self.num_tokens}, {self.chunk_width}) or (b, {self.config.code_dim})")
+                             f"(b, {self.num_tokens}, {self.chunk_width}) or (b, {self.code_length})")
         return codes
 
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
         """``(b, t, w)`` (or ``(b, c)``) codes -> ``(b, t', l)`` autoencoder latents."""
-        codes = self.check_codes(codes)
-        flat = codes.flatten(1).float()[:, self.order.argsort()]
+        codes = self.check_codes(codes).flatten(1).float()
+        if self.code_length < self.config.code_dim:  # the dimensions not kept: at the prior's mean
+            codes = torch.cat([codes, codes.new_zeros(len(codes), self.config.code_dim - self.code_length)], 1)
+        flat = codes[:, self.order.argsort()]
         return self.from_coordinates(self.decoder(flat))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -269,7 +296,10 @@ class NefCodeVAE(nn.Module):
         inner = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
         shared_init = inner["shared_init"] if bool(inner["has_shared_init"]) else None
         autoencoder = NefAutoencoder(NefAutoencoderConfig(**autoencoder_settings), shared_init, inner["scale"])
-        model = cls(NefCodeConfig(**settings), autoencoder)
+        config = NefCodeConfig(**settings)
+        if "kept" not in state and "drop_inactive" not in settings:  # written before drop_inactive: every dimension
+            state["kept"] = torch.tensor(config.code_dim)
+        model = cls(config, autoencoder, kept=int(state["kept"]) if "kept" in state else None)
         model.load_state_dict(state)  # strict: a file missing a tensor is an error, not a default
         return model.eval()
 
@@ -279,9 +309,10 @@ def train_code_vae(autoencoder: NefAutoencoder, weights: torch.Tensor, kind: str
                    batch_size: int = 256) -> tuple[NefCodeVAE, dict]:
     """Train a `NefCodeVAE` over ``autoencoder``'s latents of ``weights (b, p)`` (the module doc's steps 1-4);
     ``kind`` as in `decoder_metric`. Returns the model (eval mode, CPU) and its training statistics:
-    ``{"kl", "reconstruction_mse", "active_dims", "code_spread"}`` (the mean KL per training field, the mean
-    squared error of the posterior means' reconstructions in the unit-RMS coordinates, the code dimensions whose
-    posterior means spread with std > 0.1 over the fields, and those stds in the codes' order)."""
+    ``{"kl", "reconstruction_mse", "active_dims", "kept_dims", "code_spread"}`` (the mean KL per training field,
+    the mean squared error of the posterior means' reconstructions in the unit-RMS coordinates, the code dimensions
+    whose posterior means spread with std > `ACTIVE_SPREAD` over the fields, the dimensions the codes hold, and
+    the stds in the codes' order)."""
     from tqdm.auto import trange
 
     config = config or NefCodeConfig()
@@ -318,11 +349,15 @@ def train_code_vae(autoencoder: NefAutoencoder, weights: torch.Tensor, kind: str
     with torch.no_grad():
         mean, log_var = model.encoder(y).chunk(2, -1)
         spread = mean.std(0)
-        if config.sort_codes:
+        if config.sort_codes or config.drop_inactive:
             model.order.copy_(spread.argsort(descending=True))
+        if config.drop_inactive:  # the dimensions in use, padded with the next ones to whole chunks
+            w = config.chunk_width
+            model.kept.fill_(min(config.code_dim, max(w, -(-int((spread > ACTIVE_SPREAD).sum()) // w) * w)))
         kl = 0.5 * (mean ** 2 + log_var.exp() - 1 - log_var).sum(1).mean()
         error = ((model.decoder(mean) - y) ** 2).mean()
-    stats = {"kl": float(kl), "reconstruction_mse": float(error), "active_dims": int((spread > 0.1).sum()),
+    stats = {"kl": float(kl), "reconstruction_mse": float(error),
+             "active_dims": int((spread > ACTIVE_SPREAD).sum()), "kept_dims": model.code_length,
              "code_spread": [round(float(v), 4) for v in spread[model.order]]}
     return model, stats
 
@@ -335,6 +370,7 @@ def posterior_draws(model: NefCodeVAE, weights: torch.Tensor, draws: int, seed: 
     ``(b, t, w)``."""
     y = torch.cat([model.to_coordinates(model.autoencoder.encode(part.float())) for part in weights.split(batch_size)])
     mean, log_var = model.posterior(y)
+    mean, log_var = mean[:, :model.code_length], log_var[:, :model.code_length]
     if draws == 0:
         codes = mean
     else:

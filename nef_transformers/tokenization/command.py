@@ -47,6 +47,8 @@ def add_tokenize_command(subparsers) -> None:
     parser.add_argument("--code-steps", type=_positive_int, default=4000, help="code: VAE optimizer steps")
     parser.add_argument("--code-draws", type=int, default=8,
                         help="code: posterior draws per field in the tokenised set (0: the means)")
+    parser.add_argument("--code-drop-inactive", action="store_true",
+                        help="code: NefGPT's codes hold only the dimensions in use (the rest decode at 0)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=run_tokenize)
@@ -87,7 +89,8 @@ def run_tokenize(args) -> int:
             from .code import NefCodeConfig
 
             kwargs["code_config"] = NefCodeConfig(code_dim=args.code_dim, chunk_width=args.code_chunk_width,
-                                                  steps=args.code_steps, draws=args.code_draws, seed=args.seed)
+                                                  steps=args.code_steps, draws=args.code_draws,
+                                                  drop_inactive=args.code_drop_inactive, seed=args.seed)
     result = train_tokenizer(dataset, args.strategy, out_dir=out, **kwargs)
     info = result.info
     line = f"{info['num_fields']} fields tokenised ({args.strategy}): {info['tokens_per_field']} tokens per field"
