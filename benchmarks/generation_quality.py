@@ -69,6 +69,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=1e-3, help="NefGPT peak learning rate")
     parser.add_argument("--keep-best", action="store_true",
                         help="NefGPT: keep the weights of the lowest validation loss (--keep_best_model)")
+    parser.add_argument("--eval-steps", type=int, default=200,
+                        help="NefGPT's validation loss every N steps (with --keep-best, where the kept weights come from)")
     parser.add_argument("--ae-epochs", type=int, default=45, help="learned strategy: autoencoder epochs")
     parser.add_argument("--ae-hidden-size", type=int, default=128,
                         help="learned strategy: autoencoder width (x 2 layers, 45 epochs: 128 -> 1-NNA 66.6 %%, 64 "
@@ -85,6 +87,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--code-steps", type=int, default=4000, help="code strategy: VAE optimizer steps")
     parser.add_argument("--code-draws", type=int, default=8,
                         help="code strategy: posterior draws per training field in NefGPT's training set (0: means)")
+    parser.add_argument("--code-drop-inactive", action="store_true",
+                        help="code strategy: NefGPT models only the code dimensions in use (NefCodeConfig.drop_inactive)")
     parser.add_argument("--code-epochs", type=int, default=None,
                         help="code strategy: NefGPT epochs over its (fields x draws) rows (default: --epochs)")
     parser.add_argument("--noise-scale", type=float, default=0.5, help="noisy-train: noise std / parameter std")
@@ -110,7 +114,7 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from nef_transformers.experiment import Run, RunConfig, metrics_table, save_samples_figure
+    from nef_transformers.experiment import Run, RunConfig, metrics_table, save_samples_figure, seed_means
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -125,7 +129,8 @@ def main(argv=None) -> list[dict]:
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
                        autoencoder_latent_noise=args.ae_latent_noise, code_dim=args.code_dim,
                        code_sigma2=args.code_sigma2, code_steps=args.code_steps, code_draws=args.code_draws,
-                       keep_best_model=args.keep_best)
+                       code_drop_inactive=args.code_drop_inactive,
+                       keep_best_model=args.keep_best, eval_steps=args.eval_steps)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
     started = time.perf_counter()
@@ -174,6 +179,7 @@ def main(argv=None) -> list[dict]:
                                 title=f"{strategy}, top-k {row['top_k']}, T {row['temperature']:g}: "
                                       f"1-NNA {row['one_nna']:.1%}, COV {row['cov']:.1%}")
 
+    rows += seed_means(rows)  # with --sample-seeds: each setting's mean over the draws, ± its standard error
     table = metrics_table(rows)
     quality = "psnr" if "psnr" in fields.column_names else "iou"
     header = (f"# Generation quality: {args.source}\n\n{len(train_idx)} training fields (mean {quality} "
@@ -191,7 +197,8 @@ def main(argv=None) -> list[dict]:
                           "mmd": row["mmd"], "cov": row["cov"], "one_nna": row["one_nna"], "fd": row["fd"],
                           "memorisation_ratio": row["memorisation_ratio"], "latent_nn_ratio": row["latent_nn_ratio"],
                           "recognised": row["recognised"],
-                          "invalid": row["invalid"]}))
+                          "invalid": row["invalid"],
+                          **({"seeds": row["seeds"], "one_nna_se": row["one_nna_se"]} if "seeds" in row else {})}))
     return rows
 
 

@@ -89,6 +89,7 @@ class RunConfig:
     code_sigma2: float = 0.3
     code_steps: int = 4000
     code_draws: int = 8
+    code_drop_inactive: bool = False  # NefGPT models only the code dimensions in use
     batch_size: int = 32
     learning_rate: float = 1e-3
     num_train_epochs: int = 30
@@ -96,6 +97,8 @@ class RunConfig:
     class_conditional: bool = False
     # keep the weights of the lowest validation loss (`--keep_best_model`): large NefGPTs overfit 4,000 fields
     keep_best_model: bool = False
+    # validation loss every this many NefGPT steps (with keep_best_model: the steps the best weights come from)
+    eval_steps: int = 200
     seed: int = 0
 
     def __post_init__(self):
@@ -107,6 +110,8 @@ class RunConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.chunk_noise >= 0:
             raise ValueError(f"chunk_noise must be >= 0, got {self.chunk_noise}")
+        if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 1:
+            raise ValueError(f"eval_steps must be an int >= 1, got {self.eval_steps!r}")
 
     def stage_settings(self, strategy: str) -> dict:
         """The settings a strategy's cached tokenization and model were made with (compared on reuse)."""
@@ -126,7 +131,8 @@ class RunConfig:
         from .tokenization.code import NefCodeConfig
 
         return NefCodeConfig(code_dim=self.code_dim, chunk_width=self.code_chunk_width, sigma2=self.code_sigma2,
-                             steps=self.code_steps, draws=self.code_draws, seed=self.seed)
+                             steps=self.code_steps, draws=self.code_draws, drop_inactive=self.code_drop_inactive,
+                             seed=self.seed)
 
     def identity(self) -> dict:
         """The settings that make outputs incomparable when they change (run.json)."""
@@ -511,7 +517,7 @@ class Run:
                   "autoencoder_batch_size": self._autoencoder_batch_size()}
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
-            saved = info.get("run_settings", {})
+            saved = {"drop_inactive": False, **info.get("run_settings", {})}  # older runs: every dimension
             _check_cached(folder, {k: saved.get(k) for k in wanted}, wanted)
             return folder
         autoencoder = self._autoencoder().cpu()
@@ -565,7 +571,7 @@ class Run:
                 "--num_mixtures", str(c.num_mixtures), "--dropout", str(c.dropout),
                 "--per_device_train_batch_size", str(c.batch_size),
                 "--learning_rate", str(c.learning_rate), "--num_train_epochs", str(c.num_train_epochs),
-                "--validation_split", "0.05", "--lr_warmup_steps", "50", "--eval_steps", "200",
+                "--validation_split", "0.05", "--lr_warmup_steps", "50", "--eval_steps", str(c.eval_steps),
                 "--checkpointing_steps", "200", "--logging_steps", "10", "--report_to", "none",
                 "--seed", str(c.seed), "--chunk_noise", str(chunk_noise), *extra_args]
         if self.device == "cpu":
@@ -795,12 +801,43 @@ METRIC_COLUMNS = (("mmd", "MMD ↓", "{:.4g}"), ("cov", "COV ↑", "{:.1%}"), ("
                   ("recognised", "recognised", "{:.1%}"), ("class_spread", "class spread", "{:.2f}"))
 
 
+def seed_means(rows: list[dict]) -> list[dict]:
+    """One row per generator setting (strategy, top-k, temperature) sampled with two or more seeds: each metric's
+    mean over the seeds, ``seeds`` (their list), ``invalid`` and ``num_samples`` summed, and ``one_nna_sd`` /
+    ``one_nna_se`` (the 1-NNA's standard deviation over the seeds and its mean's standard error). On the chairs
+    one draw of 178 samples spreads by about 2.7 points of 1-NNA (RESULTS.md, session 12): compare settings by
+    these means, not by single draws. A metric missing (None) from any of a setting's rows is None in its mean."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("seed") is not None:
+            groups.setdefault((row["strategy"], row.get("top_k"), row.get("temperature")), []).append(row)
+    means = []
+    for (strategy, top_k, temperature), members in groups.items():
+        if len({row["seed"] for row in members}) < 2:
+            continue
+        mean = {"strategy": strategy, "top_k": top_k, "temperature": temperature, "seed": None,
+                "seeds": [row["seed"] for row in members], "invalid": sum(row["invalid"] for row in members),
+                "num_samples": sum(row["num_samples"] for row in members)}
+        for key in (*(key for key, _, _ in METRIC_COLUMNS), "one_nna_references"):
+            values = [row.get(key) for row in members]
+            mean[key] = None if any(v is None for v in values) else float(np.mean(values))
+        nna = [row.get("one_nna") for row in members]
+        spread = None if any(v is None for v in nna) else float(np.std(nna, ddof=1))
+        mean["one_nna_sd"] = spread
+        mean["one_nna_se"] = None if spread is None else spread / math.sqrt(len(nna))
+        means.append(mean)
+    return means
+
+
 def metrics_table(rows: list[dict]) -> str:
-    """A Markdown table of result rows (None shown as "–"; a sampling seed other than 0 beside the generator)."""
+    """A Markdown table of result rows (None shown as "–"; a sampling seed other than 0 beside the generator; a
+    `seed_means` row named "mean of N seeds", its 1-NNA with ± the standard error)."""
     head = ["generator", "top-k", "temp.", "invalid"] + [title for _, title, _ in METRIC_COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         name = row["strategy"] + (f" (seed {row['seed']})" if row.get("seed") not in (None, 0) else "")
+        if row.get("seeds"):
+            name = f"{row['strategy']}, mean of {len(row['seeds'])} seeds"
         cells = [name, str(row.get("top_k") if row.get("top_k") is not None else "–"),
                  str(row.get("temperature") if row.get("temperature") is not None else "–"),
                  f"{row['invalid']}/{row['num_samples']}"]
@@ -809,6 +846,8 @@ def metrics_table(rows: list[dict]) -> str:
             cell = "–" if value is None else fmt.format(value)
             if key == "one_nna_samples" and value is not None and row.get("one_nna_references") is not None:
                 cell += " / " + fmt.format(row["one_nna_references"])
+            if key == "one_nna" and value is not None and row.get("one_nna_se") is not None:
+                cell += f" ± {row['one_nna_se']:.1%}"
             cells.append(cell)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -890,4 +929,4 @@ def save_loss_figure(run: Run, strategy: str, path: str | Path) -> Path:
 
 __all__ = ["RunConfig", "Run", "RunMismatchError", "check_output_folder", "gaussian_weights", "metrics_table",
            "latent_gaussian_weights", "noisy_weights", "real_images", "real_point_clouds", "render_items",
-           "save_loss_figure", "save_samples_figure", "split_indices", "subset_source"]
+           "save_loss_figure", "save_samples_figure", "seed_means", "split_indices", "subset_source"]

@@ -137,6 +137,32 @@ def test_metrics_table_shows_missing_values_as_dashes():
     assert "| code | – |" in table and "| code (seed 2) | – |" in table
 
 
+def test_seed_means_average_each_setting_over_its_draws():
+    from nef_transformers.experiment import seed_means
+
+    def row(strategy, top_k, seed, one_nna, cov, fd=0.5):
+        return {"strategy": strategy, "top_k": top_k, "temperature": 1.0, "seed": seed, "num_samples": 10,
+                "invalid": seed % 2, "one_nna": one_nna, "cov": cov, "mmd": 0.1, "fd": fd,
+                "one_nna_samples": 0.5, "one_nna_references": 0.9}
+
+    rows = [row("code", 8, 0, 0.70, 0.40), row("code", 8, 1, 0.74, 0.50), row("code", 8, 2, 0.66, 0.45),
+            row("code", 5, 0, 0.80, 0.30),  # one draw only: no mean
+            row("code", 5, 1, 0.60, 0.30, fd=None),  # with the draw above: fd missing from one row
+            {"strategy": "oracle-train", "num_samples": 10, "invalid": 0, "one_nna": 0.55, "cov": 0.5}]
+    means = seed_means(rows)
+    assert [(m["top_k"], m["seeds"]) for m in means] == [(8, [0, 1, 2]), (5, [0, 1])]
+    eight, five = means
+    assert eight["one_nna"] == pytest.approx(0.70) and eight["cov"] == pytest.approx(0.45)
+    assert eight["invalid"] == 1 and eight["num_samples"] == 30 and eight["seed"] is None
+    # the draws 0.70, 0.74, 0.66 spread by 0.04 (sample std); the mean's standard error is 0.04 / sqrt(3)
+    assert eight["one_nna_sd"] == pytest.approx(0.04) and eight["one_nna_se"] == pytest.approx(0.04 / 3 ** 0.5)
+    assert eight["one_nna_references"] == pytest.approx(0.9)
+    assert five["fd"] is None and five["one_nna"] == pytest.approx(0.70)
+    table = metrics_table(rows + means)
+    assert "| code, mean of 3 seeds | 8 | 1.0 | 1/30 |" in table and "| 70.0% ± 2.3% |" in table
+    assert seed_means(rows[:1] + rows[-1:]) == []
+
+
 def _read_metrics(out):
     return json.loads((out / "metrics.json").read_text())
 
@@ -283,6 +309,9 @@ def test_run_config_refuses_bad_settings():
             RunConfig(dropout=dropout)
     with pytest.raises(ValueError, match="chunk_noise must be >= 0, got -1"):
         RunConfig(chunk_noise=-1)
+    for steps in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"eval_steps must be an int >= 1, got {steps}"):
+            RunConfig(eval_steps=steps)
 
 
 @pytest.mark.timeout(600)
