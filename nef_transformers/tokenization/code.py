@@ -264,7 +264,7 @@ class NefCodeVAE(nn.Module):
         return codes
 
     def decode_latents(self, codes: torch.Tensor) -> torch.Tensor:
-        """``(b, t, w)`` (or ``(b, c)``) codes -> ``(b, t', l)`` autoencoder latents."""
+        """``(b, t, w)`` (or flat ``(b, code_length)``) codes -> ``(b, t', l)`` autoencoder latents."""
         codes = self.check_codes(codes).flatten(1).float()
         if self.code_length < self.config.code_dim:  # the dimensions not kept: at the prior's mean
             codes = torch.cat([codes, codes.new_zeros(len(codes), self.config.code_dim - self.code_length)], 1)
@@ -272,7 +272,7 @@ class NefCodeVAE(nn.Module):
         return self.from_coordinates(self.decoder(flat))
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """``(b, t, w)`` (or ``(b, c)``) codes -> ``(b, p)`` weights."""
+        """``(b, t, w)`` (or flat ``(b, code_length)``) codes -> ``(b, p)`` weights."""
         return self.autoencoder.decode(self.decode_latents(codes))
 
     # ------------------------------------------------------------------------------------------ files
