@@ -805,8 +805,9 @@ def seed_means(rows: list[dict]) -> list[dict]:
     """One row per generator setting (strategy, top-k, temperature) sampled with two or more seeds: each metric's
     mean over the seeds, ``seeds`` (their list), ``invalid`` and ``num_samples`` summed, and ``one_nna_sd`` /
     ``one_nna_se`` (the 1-NNA's standard deviation over the seeds and its mean's standard error). On the chairs
-    one draw of 178 samples spreads by about 2.7 points of 1-NNA (RESULTS.md, session 12): compare settings by
-    these means, not by single draws. A metric missing (None) from any of a setting's rows is None in its mean."""
+    one draw of 178 samples spreads by 1.3-2.7 points of 1-NNA (RESULTS.md, session 12): compare settings by
+    these means, not by single draws. A metric missing (None) from any of a setting's rows is None in its mean;
+    other keys the rows share (their settings) are copied."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("seed") is not None:
@@ -818,9 +819,13 @@ def seed_means(rows: list[dict]) -> list[dict]:
         mean = {"strategy": strategy, "top_k": top_k, "temperature": temperature, "seed": None,
                 "seeds": [row["seed"] for row in members], "invalid": sum(row["invalid"] for row in members),
                 "num_samples": sum(row["num_samples"] for row in members)}
-        for key in (*(key for key, _, _ in METRIC_COLUMNS), "one_nna_references"):
+        metrics = (*(key for key, _, _ in METRIC_COLUMNS), "one_nna_references")
+        for key in metrics:
             values = [row.get(key) for row in members]
             mean[key] = None if any(v is None for v in values) else float(np.mean(values))
+        for key, value in members[0].items():  # settings the draws share (e.g. a prior's components)
+            if key not in mean and key not in metrics and all(row.get(key) == value for row in members):
+                mean[key] = value
         nna = [row.get("one_nna") for row in members]
         spread = None if any(v is None for v in nna) else float(np.std(nna, ddof=1))
         mean["one_nna_sd"] = spread

@@ -158,6 +158,10 @@ def test_seed_means_average_each_setting_over_its_draws():
     assert eight["one_nna_sd"] == pytest.approx(0.04) and eight["one_nna_se"] == pytest.approx(0.04 / 3 ** 0.5)
     assert eight["one_nna_references"] == pytest.approx(0.9)
     assert five["fd"] is None and five["one_nna"] == pytest.approx(0.70)
+    # settings the draws share travel with the mean; per-draw values that differ do not
+    assert eight["temperature"] == 1.0 and "one_nna_samples" in eight
+    assert seed_means([{**r, "components": 8, "sample_s": r["seed"]} for r in rows[:3]])[0]["components"] == 8
+    assert "sample_s" not in seed_means([{**r, "sample_s": r["seed"]} for r in rows[:3]])[0]
     table = metrics_table(rows + means)
     assert "| code, mean of 3 seeds | 8 | 1.0 | 1/30 |" in table and "| 70.0% ± 2.3% |" in table
     assert seed_means(rows[:1] + rows[-1:]) == []
