@@ -15,7 +15,7 @@ strategy (the same ``--source`` and ``--ae-*`` settings; stages missing there ar
 3. codes drawn from a mixture of ``--components`` full-covariance Gaussians fitted to the training fields' codes
    (``--components 0``: from N(0, T² I)), decoded to latents, then to fields, scored like the benchmark's rows
    (`Run.evaluate_weights`, with the latent NN ratio), one row per ``--seeds`` value (the mixture's seed), and with
-   two or more seeds their mean (`seed_means`: one draw of 178 chairs spreads by about 2 points of 1-NNA).
+   two or more seeds their mean (`seed_means`: one draw of 178 chairs spreads by 1.3-2.7 points of 1-NNA).
 
 Prints the table, then one JSON line per row. Needs scikit-learn for the mixture (``pip install scikit-learn``).
 """

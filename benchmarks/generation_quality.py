@@ -96,8 +96,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--latent-noise-scale", type=float, default=0.3,
                         help="noisy-latent: noise std / each latent entry's std")
     parser.add_argument("--sample-seeds", type=int, nargs="+", default=[0],
-                        help="one row per sampling seed and setting (178 against 178 chairs: one draw's 1-NNA has "
-                             "a standard error of about 2.4 points)")
+                        help="one row per sampling seed and setting, then their mean (178 against 178 chairs: one "
+                             "draw's 1-NNA spreads by 1.3-2.7 points)")
     parser.add_argument("--skip-baselines", action="store_true",
                         help="leave out the oracle and weight-space baseline rows (~7 min on the chairs): for a "
                              "rerun that varies a strategy's settings in a folder whose table already has them")

@@ -808,6 +808,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
     one draw of 178 samples spreads by 1.3-2.7 points of 1-NNA (RESULTS.md, session 12): compare settings by
     these means, not by single draws. A metric missing (None) from any of a setting's rows is None in its mean;
     other keys the rows share (their settings) are copied."""
+    metrics = (*(key for key, _, _ in METRIC_COLUMNS), "one_nna_references")
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("seed") is not None:
@@ -819,7 +820,6 @@ def seed_means(rows: list[dict]) -> list[dict]:
         mean = {"strategy": strategy, "top_k": top_k, "temperature": temperature, "seed": None,
                 "seeds": [row["seed"] for row in members], "invalid": sum(row["invalid"] for row in members),
                 "num_samples": sum(row["num_samples"] for row in members)}
-        metrics = (*(key for key, _, _ in METRIC_COLUMNS), "one_nna_references")
         for key in metrics:
             values = [row.get(key) for row in members]
             mean[key] = None if any(v is None for v in values) else float(np.mean(values))
