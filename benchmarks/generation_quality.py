@@ -63,6 +63,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--num-layers", type=int, default=4, help="NefGPT layers")
     parser.add_argument("--heads", type=int, default=4, help="NefGPT attention heads")
     parser.add_argument("--num-mixtures", type=int, default=8, help="NefGPT regression head: mixture components")
+    parser.add_argument("--mixture-covariance", choices=("diagonal", "full"), default="diagonal",
+                        help="NefGPT regression head: each component's covariance over a chunk (full: a Cholesky "
+                             "factor; RESULTS.md, session 13)")
     parser.add_argument("--dropout", type=float, default=0.0, help="NefGPT hidden and attention dropout")
     parser.add_argument("--chunk-noise", type=float, default=0.0,
                         help="NefGPT (continuous strategies): training noise on the chunks, in units of their std")
@@ -123,7 +126,8 @@ def main(argv=None) -> list[dict]:
     out = Path(args.out or f"runs/generation_quality_{name}{'_quick' if args.quick else ''}")
     config = RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
                        num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
-                       num_mixtures=args.num_mixtures, dropout=args.dropout, chunk_noise=args.chunk_noise,
+                       num_mixtures=args.num_mixtures, mixture_covariance=args.mixture_covariance,
+                       dropout=args.dropout, chunk_noise=args.chunk_noise,
                        batch_size=args.batch_size, learning_rate=args.lr,
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,

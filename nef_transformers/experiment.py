@@ -72,6 +72,8 @@ class RunConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_mixtures: int = 8
+    # each mixture component's covariance over a chunk ("diagonal" or "full"; continuous strategies only)
+    mixture_covariance: str = "diagonal"
     # hidden and attention dropout of NefGPT (`--dropout`): a prior over a few hundred fields overfits
     dropout: float = 0.0
     # noise on NefGPT's training chunks, in units of their std (`--chunk_noise`; continuous strategies only)
@@ -108,6 +110,8 @@ class RunConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.mixture_covariance not in ("diagonal", "full"):
+            raise ValueError(f"mixture_covariance must be 'diagonal' or 'full', got {self.mixture_covariance!r}")
         if not self.chunk_noise >= 0:
             raise ValueError(f"chunk_noise must be >= 0, got {self.chunk_noise}")
         if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 1:
@@ -124,6 +128,8 @@ class RunConfig:
             tokenization = {**{f"autoencoder_{k}": v for k, v in tokenization.items()}, **self.code_config().__dict__}
         model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
                  "num_attention_heads": self.num_attention_heads, "hidden_dropout": self.dropout}
+        if strategy != "vq":
+            model["mixture_covariance"] = self.mixture_covariance
         return {"tokenization": tokenization, "model": model}
 
     def code_config(self):
@@ -556,7 +562,8 @@ class Run:
         model_dir = self.strategy_dir(strategy) / "model"
         if (model_dir / "config.json").is_file():  # a model made before: with the same sizes?
             wanted = self.config.stage_settings(strategy)["model"]
-            saved = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+            saved = {"mixture_covariance": "diagonal",  # models saved before the option had diagonal ones
+                     **json.loads((model_dir / "config.json").read_text(encoding="utf-8"))}
             _check_cached(model_dir, {k: saved.get(k) for k in wanted}, wanted)
         chunk_noise = self.config.chunk_noise if strategy != "vq" else 0.0
         if (model_dir / "model.safetensors").is_file() and (model_dir / "trainer_state.json").is_file():
@@ -568,7 +575,8 @@ class Run:
         argv = ["--dataset", str(tokenization / "dataset"), "--tokenizer", str(tokenization / "tokenizer"),
                 "--output_dir", str(model_dir), "--hidden_size", str(c.hidden_size),
                 "--num_hidden_layers", str(c.num_hidden_layers), "--num_attention_heads", str(c.num_attention_heads),
-                "--num_mixtures", str(c.num_mixtures), "--dropout", str(c.dropout),
+                "--num_mixtures", str(c.num_mixtures), "--mixture_covariance", c.mixture_covariance,
+                "--dropout", str(c.dropout),
                 "--per_device_train_batch_size", str(c.batch_size),
                 "--learning_rate", str(c.learning_rate), "--num_train_epochs", str(c.num_train_epochs),
                 "--validation_split", "0.05", "--lr_warmup_steps", "50", "--eval_steps", str(c.eval_steps),

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_key_value_heads", type=_positive_int, default=1)
     model.add_argument("--dropout", type=_fraction, default=0.0, help="hidden and attention dropout")
     model.add_argument("--num_mixtures", type=_positive_int, default=8, help="regression head only")
+    model.add_argument("--mixture_covariance", choices=("diagonal", "full"), default="diagonal",
+                       help="regression head only: each mixture component's covariance over a chunk (full: a "
+                            "Cholesky factor, w(w+1)/2 numbers per component; for short chunks)")
     model.add_argument("--chunk_noise", type=_non_negative_float, default=0.0,
                        help="regression head only: Gaussian noise added to the training chunks each step, this many "
                             "times each (position, entry)'s std over the training set (data augmentation for a few "
@@ -421,7 +424,8 @@ def build_config(args, head: str, values, labels, tokenizer, info: dict | None =
         kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     else:
-        kwargs.update(chunk_dim=values.shape[2], num_mixtures=args.num_mixtures)
+        kwargs.update(chunk_dim=values.shape[2], num_mixtures=args.num_mixtures,
+                      mixture_covariance=args.mixture_covariance)
     if labels is not None:
         if int(labels.min()) < 0:
             raise ValueError(f"--class_conditional: the label column holds {int(labels.min())} (unknown label); "

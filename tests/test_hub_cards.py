@@ -42,15 +42,16 @@ def tiny_model(kind: str = "image"):
     return NefGPTForCausalLM(config)
 
 
-def render(template: str, folder: Path, metrics_file: Path | None = None) -> ModelCard:
+def render(template: str, folder: Path, metrics_file: Path | None = None, model=None) -> ModelCard:
     """A card as `main` renders it at the end of a (pretend) training run into ``folder``."""
     argv = ["--dataset", "runs/x/tokens/dataset", "--output_dir", str(folder), "--push_to_hub", "nefgen/test-vq",
             "--model_card_template", str(REPO / "hub_cards" / template)]
     if metrics_file is not None:
         argv += ["--card_metrics", str(metrics_file)]
     args = build_parser().parse_args(argv)
-    model = tiny_model("occupancy" if "shapenet" in template else "image")
-    summary = {"head": "causal_lm", "num_parameters": model.num_parameters(), "completed_steps": 3, "world_size": 1,
+    model = model if model is not None else tiny_model("occupancy" if "shapenet" in template else "image")
+    head = "causal_lm" if type(model).__name__ == "NefGPTForCausalLM" else "regression"
+    summary = {"head": head, "num_parameters": model.num_parameters(), "completed_steps": 3, "world_size": 1,
                "eval_loss": 2.5}
     context = model_card_context(args, argv, model, summary, num_train=36, num_validation=4)
     metrics = load_card_metrics(metrics_file) if metrics_file is not None else None
@@ -98,6 +99,18 @@ def test_card_without_metrics_has_no_metric_values(template, tmp_path):
     assert "Not measured for this checkpoint" in results
     assert not METRIC_VALUE.findall(results), results
     assert "{{" not in card.content and "{%" not in card.content
+
+
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+def test_regression_card_names_the_mixture_head(covariance, tmp_path):
+    from nef_transformers.models.nef_gpt import NefGPTConfig, NefGPTForWeightRegression
+
+    config = NefGPTConfig(max_position_embeddings=8, hidden_size=16, num_attention_heads=2, num_hidden_layers=1,
+                          chunk_dim=4, num_mixtures=3, mixture_covariance=covariance,
+                          field_spec=SirenSpec(hidden_dim=4).to_dict(), field_source=tiny_model().config.field_source)
+    card = render("nef_gpt_model_card.md", tmp_path, model=NefGPTForWeightRegression(config))
+    assert f"| chunk width | 4 (3 Gaussian-mixture components per chunk, {covariance} covariances) |" in card.content
+    assert "| vocabulary |" not in card.content and "{{" not in card.content
 
 
 @pytest.mark.parametrize("template", MODEL_TEMPLATES)

@@ -67,6 +67,8 @@ def test_config_validates_and_round_trips(tmp_path):
         tiny_config(token_level_ids=[0] * 5)
     with pytest.raises(ValueError, match="raise max_position_embeddings"):
         tiny_config(max_position_embeddings=8)
+    with pytest.raises(ValueError, match="mixture_covariance must be one of"):
+        tiny_config(mixture_covariance="tied")
 
 
 # ------------------------------------------------------------------------------------------ invariants
@@ -191,9 +193,10 @@ def test_regression_padding_is_ignored_by_the_loss():
                            model(chunks=chunks[:, :-1], labels=noisy).loss)
 
 
-def test_regression_sampling_is_seeded_stochastic_and_cache_exact(tmp_path):
+@pytest.mark.parametrize("covariance", ["diagonal", "full"])
+def test_regression_sampling_is_seeded_stochastic_and_cache_exact(tmp_path, covariance):
     torch.manual_seed(0)
-    model = NefGPTForWeightRegression(regression_config(num_classes=2)).eval()
+    model = NefGPTForWeightRegression(regression_config(num_classes=2, mixture_covariance=covariance)).eval()
     first = model.sample(4, seed=0)
     assert first.shape == (4, 8, 5)
     assert torch.equal(first, model.sample(4, seed=0))
@@ -206,6 +209,93 @@ def test_regression_sampling_is_seeded_stochastic_and_cache_exact(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = NefGPTForWeightRegression.from_pretrained(tmp_path).eval()
     assert torch.equal(loaded.sample(4, seed=0), first)
+
+
+def full_covariance_model(seed: int = 0, **overrides) -> NefGPTForWeightRegression:
+    """A full-covariance head whose Cholesky factors are far from diagonal (the head's bias drawn at random)."""
+    torch.manual_seed(seed)
+    model = NefGPTForWeightRegression(regression_config(mixture_covariance="full", **overrides)).eval()
+    with torch.no_grad():
+        model.head.mixture_proj.bias.normal_(0.0, 0.7)
+    return model
+
+
+@pytest.mark.parametrize("mask_kind", ["config", "scattered"])
+def test_full_covariance_nll_is_that_of_a_mixture_of_multivariate_normals(mask_kind):
+    """Brute force: per (field, position), each component's MultivariateNormal over the real entries, with the
+    rows and columns of those entries of its Cholesky factor; padded entries, prefix or scattered, count nothing."""
+    model = full_covariance_model()
+    chunks = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(1))
+    mask = model.chunk_mask().expand(3, -1, -1).clone()
+    if mask_kind == "scattered":
+        mask = torch.rand(3, 8, 5, generator=torch.Generator().manual_seed(2)) < 0.6
+        mask[0, 0] = False  # a chunk with no real entry
+    with torch.no_grad():
+        out = model(labels=chunks, chunk_mask=mask)
+    assert out.scale_tril.shape == (3, 8, 3, 5, 5)
+    rows, cols = torch.tril_indices(5, 5, offset=-1)
+    assert out.scale_tril.triu(1).abs().sum() == 0 and out.scale_tril[..., rows, cols].abs().min() > 0
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(3):
+        for t in range(8):
+            real = mask[b, t]
+            if not real.any():
+                continue
+            weights = torch.log_softmax(out.mixture_logits[b, t].double(), -1)
+            per_component = []
+            for k in range(3):
+                factor = out.scale_tril[b, t, k].double()[real][:, real]
+                normal = torch.distributions.MultivariateNormal(out.means[b, t, k].double()[real], scale_tril=factor)
+                per_component.append(weights[k] + normal.log_prob(chunks[b, t].double()[real]))
+            total -= torch.logsumexp(torch.stack(per_component), 0)
+    torch.testing.assert_close(out.loss.double(), total / mask.sum(), atol=1e-5, rtol=1e-5)
+
+
+def test_full_covariance_head_with_zero_off_diagonal_is_the_diagonal_head():
+    torch.manual_seed(0)
+    diagonal = NefGPTForWeightRegression(regression_config()).eval()
+    full = NefGPTForWeightRegression(regression_config(mixture_covariance="full")).eval()
+    state = diagonal.state_dict()
+    rows = state["head.mixture_proj.weight"].shape[0]
+    with torch.no_grad():
+        for name, tensor in full.state_dict().items():
+            if name.startswith("head.mixture_proj."):  # the diagonal head's outputs, then zero off-diagonals
+                tensor.zero_()
+                tensor[:rows] = state[name]
+            else:
+                tensor.copy_(state[name])
+    chunks = torch.randn(4, 8, 5, generator=torch.Generator().manual_seed(3)) * diagonal.chunk_mask()
+    with torch.no_grad():
+        torch.testing.assert_close(full(labels=chunks).loss, diagonal(labels=chunks).loss, atol=1e-6, rtol=1e-6)
+    for temperature in (1.0, 0.5):
+        torch.testing.assert_close(full.sample(6, seed=4, temperature=temperature),
+                                   diagonal.sample(6, seed=4, temperature=temperature), atol=1e-6, rtol=1e-6)
+
+
+def test_full_covariance_samples_have_the_components_covariance_times_the_temperature():
+    """One component (the others' logits -30) with a fixed mean and factor L at every position: the samples'
+    covariance over a chunk's real entries is T · L_r L_rᵀ."""
+    model = full_covariance_model(num_mixtures=2)
+    w = model.config.chunk_dim
+    factor = torch.tril(torch.randn(w, w, generator=torch.Generator().manual_seed(5))) * 0.5
+    factor.diagonal().copy_(torch.linspace(0.3, 1.2, w))
+    mean = torch.linspace(-1.0, 1.0, w)
+    rows, cols = torch.tril_indices(w, w, offset=-1)
+    with torch.no_grad():
+        model.head.mixture_proj.weight.zero_()
+        component = torch.cat([mean, factor.diagonal().log(), factor[rows, cols]])
+        model.head.mixture_proj.bias.copy_(torch.cat([torch.tensor([0.0, -30.0]), mean, mean,
+                                                      factor.diagonal().log(), factor.diagonal().log(),
+                                                      factor[rows, cols], factor[rows, cols]]))
+    assert component.numel() == 2 * w + len(rows)
+    for temperature in (1.0, 0.5):
+        samples = model.sample(6000, seed=0, temperature=temperature).double()
+        for position, width in ((3, 5), (7, 4)):  # a whole chunk, and one whose last entry is padding
+            x = samples[:, position, :width]
+            expected = temperature * (factor[:width, :width] @ factor[:width, :width].T).double()
+            torch.testing.assert_close(x.mean(0), mean[:width].double(), atol=0.05, rtol=0)
+            torch.testing.assert_close(torch.cov(x.T), expected, atol=0.06, rtol=0.08)
+            assert (samples[:, position, width:] == 0).all()
 
 
 def test_regression_top_k_samples_only_the_likeliest_components():

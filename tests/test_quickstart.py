@@ -3,6 +3,7 @@ checks, baselines, and tiny end-to-end runs on images and voxel shapes (re-run r
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -287,6 +288,22 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
         Run(out, RunConfig(**{**code_settings, "autoencoder_hidden_size": 96}), device="cpu", progress=False).tokenize()
+    # NefGPT's mixture covariance is one of its settings; models saved before the option had diagonal ones
+    with pytest.raises(RunMismatchError, match="mixture_covariance: 'diagonal' there, 'full' asked"):
+        Run(out, RunConfig(**code_settings, mixture_covariance="full"), device="cpu", progress=False).train()
+    config_file = out / "code" / "model" / "config.json"
+    saved_config = json.loads(config_file.read_text())
+    assert saved_config.pop("mixture_covariance") == "diagonal"
+    config_file.write_text(json.dumps(saved_config))
+    assert code.train() == out / "code" / "model"
+    shutil.rmtree(out / "code" / "model")
+    full = Run(out, RunConfig(**code_settings, mixture_covariance="full"), device="cpu", progress=False)
+    full.train()
+    assert json.loads(config_file.read_text())["mixture_covariance"] == "full"
+    full_weights, full_sequences = full.sample(top_k=3, temperature=1.0, return_sequences=True)
+    assert full_sequences.shape == (8, 8, 4) and torch.isfinite(full_weights).all()
+    with torch.no_grad():
+        assert torch.allclose(vae.decode(full_sequences), full_weights, atol=1e-5)
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
     # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"
@@ -313,6 +330,8 @@ def test_run_config_refuses_bad_settings():
             RunConfig(dropout=dropout)
     with pytest.raises(ValueError, match="chunk_noise must be >= 0, got -1"):
         RunConfig(chunk_noise=-1)
+    with pytest.raises(ValueError, match="mixture_covariance must be 'diagonal' or 'full', got 'tied'"):
+        RunConfig(mixture_covariance="tied")
     for steps in (0, 2.5, True):
         with pytest.raises(ValueError, match=rf"eval_steps must be an int >= 1, got {steps}"):
             RunConfig(eval_steps=steps)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 STRUCTURE_FIELDS = ("token_layer_ids", "token_neuron_ids", "token_level_ids")
+MIXTURE_COVARIANCES = ("diagonal", "full")
 
 
 class NefGPTConfig(PretrainedConfig):
@@ -90,6 +91,11 @@ class NefGPTConfig(PretrainedConfig):
             position; the rest is padding, ignored by the loss and zero in samples. `None`: every entry is real.
         num_mixtures (`int`, *optional*, defaults to 8):
             Gaussian-mixture components per chunk in the regression head.
+        mixture_covariance (`str`, *optional*, defaults to `"diagonal"`):
+            Covariance of each mixture component over a chunk's entries: `"diagonal"` (independent entries given
+            the component: `2w` numbers per component) or `"full"` (a Cholesky factor: `w + w(w+1)/2` numbers,
+            so entries of one chunk can be correlated within a component; for short chunks, such as the `code`
+            strategy's chunks of 4).
         min_log_std (`float`, *optional*, defaults to -7.0):
             Lower bound of the predicted log standard deviations: keeps the NLL finite on (near-)constant
             entries.
@@ -139,6 +145,7 @@ class NefGPTConfig(PretrainedConfig):
     chunk_dim: int = 33
     token_chunk_widths: list[int] | None = None
     num_mixtures: int = 8
+    mixture_covariance: str = "diagonal"
     min_log_std: float | int = -7.0
     field_spec: dict | None = None
     field_source: dict | None = None
@@ -175,6 +182,9 @@ class NefGPTConfig(PretrainedConfig):
                 f"NefGPTConfig.num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                 f"({self.num_attention_heads})"
             )
+        if self.mixture_covariance not in MIXTURE_COVARIANCES:
+            raise ValueError(f"NefGPTConfig.mixture_covariance must be one of {MIXTURE_COVARIANCES}, got "
+                             f"{self.mixture_covariance!r}")
         if self.num_classes < 0:
             raise ValueError(f"NefGPTConfig.num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         for name in ("hidden_dropout", "attention_dropout"):

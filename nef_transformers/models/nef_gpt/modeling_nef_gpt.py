@@ -7,6 +7,8 @@ Layers (attention, MLP, block) -> `NefGPTPreTrainedModel` -> `NefGPTModel` -> he
 - `NefGPTForWeightRegression`: continuous weight chunks in, a Gaussian mixture per chunk out (the naive and
   learned-embedding strategies); a mixture rather than a point regression, so sampling is diverse
   (mixture density networks: Bishop 1994; sketch-rnn's temperature: Ha & Eck, https://arxiv.org/abs/1704.03477).
+  Each component's covariance over a chunk is diagonal, or full (`config.mixture_covariance="full"`: a Cholesky
+  factor, as sketch-rnn's bivariate normals).
 
 Embeddings: token (or projected chunk) + absolute position + the structural ids of the position (layer, neuron,
 quantiser level: fixed per position, stored in the config, looked up from the absolute position, so cached
@@ -554,7 +556,11 @@ class NefGPTWeightRegressionOutput(ModelOutput):
             negative log-likelihood of the real (unmasked) chunk entries, in nats per weight.
         mixture_logits (`torch.FloatTensor` of shape `(b, t, k)`): unnormalised log mixture weights.
         means (`torch.FloatTensor` of shape `(b, t, k, w)`): component means.
-        log_stds (`torch.FloatTensor` of shape `(b, t, k, w)`): component log standard deviations.
+        log_stds (`torch.FloatTensor` of shape `(b, t, k, w)`): component log standard deviations; with full
+            covariances, the logs of the Cholesky factor's diagonal.
+        scale_tril (`torch.FloatTensor` of shape `(b, t, k, w, w)`, *optional*): with
+            `config.mixture_covariance="full"`, each component's lower-triangular Cholesky factor L (covariance
+            L Lᵀ; its diagonal is `log_stds.exp()`). `None` with diagonal covariances.
         cache (`Cache`, *optional*): key/value cache.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*): per-layer hidden states.
     """
@@ -563,20 +569,29 @@ class NefGPTWeightRegressionOutput(ModelOutput):
     mixture_logits: torch.FloatTensor | None = None
     means: torch.FloatTensor | None = None
     log_stds: torch.FloatTensor | None = None
+    scale_tril: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 class NefGPTWeightRegressionHead(nn.Module):
-    """Chunks in (a linear projection, plus a learned start vector at position 0), mixture parameters out."""
+    """Chunks in (a linear projection, plus a learned start vector at position 0), mixture parameters out.
+
+    Per component: a logit, ``w`` means, ``w`` log standard deviations and, with full covariances, the
+    ``w(w-1)/2`` entries below the Cholesky factor's diagonal (row by row), in that order: a full head whose
+    off-diagonal outputs are zero is the diagonal head.
+    """
 
     def __init__(self, config: NefGPTConfig):
         super().__init__()
         self.chunk_dim, self.num_mixtures = config.chunk_dim, config.num_mixtures
+        self.full_covariance = config.mixture_covariance == "full"
         self.min_log_std = float(config.min_log_std)
         self.chunk_proj = nn.Linear(config.chunk_dim, config.hidden_size)
         self.start_embedding = nn.Parameter(torch.empty(config.hidden_size))
-        self.mixture_proj = nn.Linear(config.hidden_size, config.num_mixtures * (1 + 2 * config.chunk_dim))
+        w = config.chunk_dim
+        self.num_off_diagonal = w * (w - 1) // 2 if self.full_covariance else 0
+        self.mixture_proj = nn.Linear(config.hidden_size, config.num_mixtures * (1 + 2 * w + self.num_off_diagonal))
 
     def embed(self, chunks: torch.Tensor, prepend_start: bool) -> torch.Tensor:
         embeds = self.chunk_proj(chunks)  # (b, t, d)
@@ -586,22 +601,50 @@ class NefGPTWeightRegressionHead(nn.Module):
         return embeds
 
     def mixture(self, hidden_states: torch.Tensor):
+        """Mixture logits `(b, t, k)`, means and log stds `(b, t, k, w)`, and the Cholesky factors
+        `(b, t, k, w, w)` (`None` with diagonal covariances)."""
         b, t, _ = hidden_states.shape
         k, w = self.num_mixtures, self.chunk_dim
         params = self.mixture_proj(hidden_states).float()
-        mixture_logits, means, log_stds = params.split([k, k * w, k * w], dim=-1)
+        mixture_logits, means, log_stds, off_diagonal = params.split([k, k * w, k * w, k * self.num_off_diagonal],
+                                                                     dim=-1)
         means = means.view(b, t, k, w)
         log_stds = log_stds.view(b, t, k, w).clamp(min=self.min_log_std)
-        return mixture_logits, means, log_stds
+        scale_tril = None
+        if self.full_covariance:
+            rows, cols = torch.tril_indices(w, w, offset=-1, device=params.device)
+            below = off_diagonal.new_zeros(b, t, k, w * w).index_copy(-1, rows * w + cols, off_diagonal.view(b, t, k, -1))
+            scale_tril = below.view(b, t, k, w, w) + torch.diag_embed(log_stds.exp())
+        return mixture_logits, means, log_stds, scale_tril
 
 
-def mixture_nll(mixture_logits, means, log_stds, targets, mask) -> torch.Tensor:
-    """NLL per real entry of a diagonal Gaussian mixture over each chunk; masked entries contribute nothing.
+def masked_scale_tril(scale_tril: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The Cholesky factors with the rows and columns of padded entries replaced by the identity's.
 
-    Shapes: logits `(b, t, k)`, means/log_stds `(b, t, k, w)`, targets `(b, t, w)`, mask `(b or 1, t, w)` bool.
+    The component's distribution over a chunk's real entries is then N(mean, L_r L_rᵀ), L_r the factor's rows and
+    columns of the real entries, whatever sits at the padded ones; the loss and `sample()` both use it.
+    Shapes: `scale_tril` `(b, t, k, w, w)`, `mask` `(b or 1, t, w)` bool.
     """
+    real = mask[:, :, None, :, None] & mask[:, :, None, None, :]  # (b, t, 1, w, w)
+    eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
+    return torch.where(real, scale_tril, eye)
+
+
+def mixture_nll(mixture_logits, means, log_stds, targets, mask, scale_tril=None) -> torch.Tensor:
+    """NLL per real entry of a Gaussian mixture over each chunk; masked entries contribute nothing.
+
+    Shapes: logits `(b, t, k)`, means/log_stds `(b, t, k, w)`, targets `(b, t, w)`, mask `(b or 1, t, w)` bool,
+    scale_tril (full covariances; `None`: diagonal ones, the stds `log_stds.exp()`) `(b, t, k, w, w)`.
+    """
+    if scale_tril is not None:
+        # z = L⁻¹ (x - mean) with the padded entries' rows and columns of L the identity's and their
+        # differences 0: z is 0 there, and the real entries' z is that of their own factor L_r
+        real = mask[:, :, None, :]
+        diff = torch.where(real, targets.float()[:, :, None, :] - means, 0.0)
+        z = torch.linalg.solve_triangular(masked_scale_tril(scale_tril, mask), diff[..., None], upper=False)[..., 0]
+    else:
+        z = (targets.float()[:, :, None, :] - means) * torch.exp(-log_stds)
     mask = mask.to(means.dtype)
-    z = (targets.float()[:, :, None, :] - means) * torch.exp(-log_stds)
     log_normal = -0.5 * z.square() - log_stds - 0.5 * math.log(2 * math.pi)  # (b, t, k, w)
     log_chunk = (log_normal * mask[:, :, None, :]).sum(-1)  # (b, t, k)
     log_likelihood = torch.logsumexp(F.log_softmax(mixture_logits, dim=-1) + log_chunk, dim=-1)  # (b, t)
@@ -676,7 +719,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             inputs_embeds=embeds, cache=cache, use_cache=use_cache, class_labels=class_labels,
             output_hidden_states=output_hidden_states, return_dict=True,
         )
-        mixture_logits, means, log_stds = self.head.mixture(outputs.last_hidden_state)
+        mixture_logits, means, log_stds, scale_tril = self.head.mixture(outputs.last_hidden_state)
 
         loss = None
         if labels is not None:
@@ -692,10 +735,11 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
                 chunk_mask = chunk_mask[None]
             if chunk_mask.shape[1:] != labels.shape[1:]:
                 raise ValueError(f"chunk_mask of shape {tuple(chunk_mask.shape)} does not fit labels {tuple(labels.shape)}")
-            loss = mixture_nll(mixture_logits, means, log_stds, labels, chunk_mask)
+            loss = mixture_nll(mixture_logits, means, log_stds, labels, chunk_mask, scale_tril)
 
         output = NefGPTWeightRegressionOutput(
-            loss=loss, mixture_logits=mixture_logits, means=means, log_stds=log_stds, cache=_cache_of(outputs),
+            loss=loss, mixture_logits=mixture_logits, means=means, log_stds=log_stds, scale_tril=scale_tril,
+            cache=_cache_of(outputs),
             hidden_states=outputs.hidden_states,
         )
         return output if return_dict else output.to_tuple()
@@ -715,7 +759,8 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
         Args:
             num_samples (`int`): number of sequences (fields); with `class_labels`, their length must be 1 or this.
             temperature (`float`, *optional*, defaults to 1.0): > 0; mixture logits are divided by it and the
-                standard deviations multiplied by its square root (sketch-rnn), so < 1 is more conservative.
+                standard deviations (Cholesky factors) multiplied by its square root (sketch-rnn), so < 1 is more
+                conservative.
             seed (`int`, *optional*): seed of a private generator: same seed, same samples.
             class_labels (`torch.LongTensor` of shape `(b,)` or an `int`, *optional*): classes to sample.
             use_cache (`bool`, *optional*, defaults to `True`): `False` recomputes the prefix every step (slow;
@@ -736,7 +781,8 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
         device, t, w = self.device, self.config.sequence_length, self.config.chunk_dim
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        mask = self.chunk_mask(device).float()
+        bool_mask = self.chunk_mask(device)
+        mask = bool_mask.float()
         dtype = self.head.chunk_proj.weight.dtype
         samples = torch.zeros(num_samples, t, w, device=device)
         cache = StaticCache(config=self.config, max_cache_len=t) if use_cache else None
@@ -747,7 +793,7 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
                 out = self(chunks=step_input.to(dtype), cache=cache, use_cache=True, class_labels=class_labels)
             else:
                 out = self(chunks=samples[:, :i].to(dtype), use_cache=False, class_labels=class_labels)
-            logits, means, log_stds = out.mixture_logits[:, -1], out.means[:, -1], out.log_stds[:, -1]
+            logits, means = out.mixture_logits[:, -1], out.means[:, -1]
             # 2. pick a component per field (among the top_k most likely ones), then draw from its Gaussian
             logits = logits / temperature
             if top_k is not None and top_k < logits.shape[-1]:
@@ -756,9 +802,14 @@ class NefGPTForWeightRegression(NefGPTPreTrainedModel):
             component = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (b, 1)
             index = component[:, :, None].expand(-1, 1, w)
             mean = means.gather(1, index).squeeze(1)  # (b, w)
-            std = log_stds.gather(1, index).squeeze(1).exp() * math.sqrt(temperature)
             noise = torch.randn(mean.shape, generator=generator, device=device)
-            samples[:, i] = (mean + std * noise) * mask[i]
+            if out.scale_tril is None:
+                std = out.log_stds[:, -1].gather(1, index).squeeze(1).exp() * math.sqrt(temperature)
+                samples[:, i] = (mean + std * noise) * mask[i]
+            else:  # L z, L the component's factor with the padded entries' rows and columns the identity's
+                factor = masked_scale_tril(out.scale_tril[:, -1:], bool_mask[None, i : i + 1])[:, 0]  # (b, k, w, w)
+                factor = factor.gather(1, index[..., None].expand(-1, 1, w, w)).squeeze(1) * math.sqrt(temperature)
+                samples[:, i] = (mean + (factor @ noise[..., None])[..., 0]) * mask[i]
         return samples
 
 
