@@ -86,6 +86,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
     parser.add_argument("--code-dim", type=int, default=32, help="code strategy: numbers per field's code")
+    parser.add_argument("--code-chunk-width", type=int, default=4,
+                        help="code strategy: code numbers per NefGPT position (must divide --code-dim; "
+                             "--code-dim: one position, a mixture over the whole code)")
     parser.add_argument("--code-sigma2", type=float, default=0.3,
                         help="code strategy: the VAE's fixed likelihood variance (larger: fewer code dimensions in use)")
     parser.add_argument("--code-steps", type=int, default=4000, help="code strategy: VAE optimizer steps")
@@ -133,7 +136,8 @@ def main(argv=None) -> list[dict]:
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
                        autoencoder_latent_noise=args.ae_latent_noise, code_dim=args.code_dim,
-                       code_sigma2=args.code_sigma2, code_steps=args.code_steps, code_draws=args.code_draws,
+                       code_chunk_width=args.code_chunk_width, code_sigma2=args.code_sigma2,
+                       code_steps=args.code_steps, code_draws=args.code_draws,
                        code_drop_inactive=args.code_drop_inactive,
                        keep_best_model=args.keep_best, eval_steps=args.eval_steps)
     run = Run(out, config, device=args.device)
