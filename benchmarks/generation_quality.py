@@ -14,7 +14,9 @@ the trivial prior NefGPT has to beat) and ``noisy-latent`` (training fields with
 jittered copies, what the metrics give a generator that learned nothing but the training set); with the code
 strategy (a VAE's codes over those latents, `NefCodeVAE`), ``autoencoder-train`` (when the learned strategy does
 not write it), ``code-train`` (the oracle's fields through the VAE: the ceiling of a prior over the codes) and
-``gaussian-code`` (codes from the VAE's prior N(0, I)). ``--skip-baselines`` leaves out the oracle and weight-space
+``gaussian-code`` (codes from the VAE's prior N(0, I)) and, for each sampling seed, ``mixture-code`` (a mixture of
+``--code-mixture`` full-covariance Gaussians fitted to NefGPT's training codes, decoded: the classical prior
+NefGPT has to beat on the same VAE). ``--skip-baselines`` leaves out the oracle and weight-space
 rows, for reruns that vary one strategy's settings; ``--sample-seeds 0 1 2`` draws each setting's samples
 several times (a row each, then a ``mean of N seeds`` row with the 1-NNA's standard error: on the chairs one draw
 spreads by 1.3-2.7 points), and ``--samples-only`` writes nothing but those rows. Every row: MMD,
@@ -85,6 +87,8 @@ def main(argv=None) -> list[dict]:
                         help="learned strategy: training noise on the latents, in units of their std (NefAutoencoderConfig)")
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
+    parser.add_argument("--code-mixture", type=int, default=8,
+                        help="code strategy: components of the mixture-code baseline rows (0: no such rows)")
     parser.add_argument("--code-dim", type=int, default=32, help="code strategy: numbers per field's code")
     parser.add_argument("--code-chunk-width", type=int, default=4,
                         help="code strategy: code numbers per NefGPT position (must divide --code-dim; "
@@ -115,6 +119,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
     args = parser.parse_args(argv)
     args.skip_baselines = args.skip_baselines or args.samples_only
+    if args.code_mixture < 0:
+        parser.error(f"--code-mixture must be >= 0 (0: no mixture-code rows), got {args.code_mixture}")
     if args.quick:
         args.num_items = args.num_items or QUICK["num_items"]
         args.epochs, args.vq_steps = QUICK["epochs"], QUICK["vq_steps"]
@@ -170,6 +176,8 @@ def main(argv=None) -> list[dict]:
             if "learned" not in args.strategies:
                 rows.append(run.autoencoder_row())
             rows += run.code_rows()
+            if args.code_mixture:
+                rows += [run.code_mixture_row(seed, args.code_mixture) for seed in args.sample_seeds]
         best = None
         for top_k, temperature, seed in itertools.product(args.top_k, args.temperature, args.sample_seeds):
             t0 = time.perf_counter()

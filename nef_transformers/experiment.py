@@ -748,6 +748,36 @@ class Run:
                 rows.append(self.evaluate_weights(weights, name, latents=latents.cpu()))
         return rows
 
+    def code_mixture_row(self, seed: int = 0, components: int = 8) -> dict:
+        """``mixture-code``: a mixture of ``components`` full-covariance Gaussians (scikit-learn's EM) fitted to the
+        code strategy's training sequences (the posterior draws NefGPT trains on), ``seed`` its initialisation and
+        draws; as many codes as test items, decoded like NefGPT's. The classical density over the same codes: a
+        NefGPT over codes that does not beat it has learned no more than a few clusters (RESULTS.md, session 13).
+        Needs scikit-learn (``pip install "nef_transformers[benchmarks]"``)."""
+        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+            raise ValueError(f"components must be an int >= 1, got {components!r}")
+        try:
+            from sklearn.mixture import GaussianMixture
+        except ImportError as error:
+            raise ImportError('the mixture-code row needs scikit-learn: pip install "nef_transformers[benchmarks]"'
+                              ) from error
+        from datasets import load_from_disk
+
+        vae = self.code_vae()
+        dataset = load_from_disk(str(self.tokenize("code") / "dataset")).with_format("numpy")
+        codes = np.asarray(dataset["chunks"], dtype=np.float64).reshape(len(dataset), -1)
+        if len(codes) < components:
+            raise ValueError(f"a mixture of {components} Gaussians needs >= {components} training codes, got "
+                             f"{len(codes)}")
+        mixture = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=seed).fit(codes)
+        count = len(self.split()[1])
+        drawn = torch.as_tensor(mixture.sample(count)[0], dtype=torch.float32)
+        with torch.no_grad():
+            latents = vae.decode_latents(drawn.view(count, vae.num_tokens, vae.chunk_width).to(self.device))
+            weights = vae.autoencoder.decode(latents).float().cpu()
+        return self.evaluate_weights(weights, "mixture-code", {"components": components, "seed": seed},
+                                     latents=latents.cpu())
+
     def _autoencoder(self):
         """The learned strategy's trained `NefAutoencoder` (tokenizing first if needed), on the run's device."""
         from .tokenization.learned import NefAutoencoder

@@ -284,6 +284,16 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     ceiling, prior = code.code_rows()
     assert [ceiling["strategy"], prior["strategy"]] == ["code-train", "gaussian-code"]
     assert ceiling["num_samples"] == prior["num_samples"] == 8 and ceiling["mmd"] != prior["mmd"]
+    # a mixture of Gaussians over the same training codes: seeded, decoded like NefGPT's codes
+    mixture = code.code_mixture_row(seed=0, components=2)
+    assert mixture["strategy"] == "mixture-code" and mixture["components"] == 2 and mixture["seed"] == 0
+    assert mixture["num_samples"] == 8 and mixture["mmd"] not in (None, prior["mmd"], ceiling["mmd"])
+    assert code.code_mixture_row(seed=0, components=2)["mmd"] == mixture["mmd"]
+    assert code.code_mixture_row(seed=1, components=2)["mmd"] != mixture["mmd"]
+    with pytest.raises(ValueError, match="needs >= 100 training codes, got 64"):
+        code.code_mixture_row(components=100)
+    with pytest.raises(ValueError, match="components must be an int >= 1, got 0"):
+        code.code_mixture_row(components=0)
     with pytest.raises(RunMismatchError, match="sigma2: 0.3 there, 0.5 asked"):
         Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
