@@ -613,7 +613,8 @@ class NefGPTWeightRegressionHead(nn.Module):
         scale_tril = None
         if self.full_covariance:
             rows, cols = torch.tril_indices(w, w, offset=-1, device=params.device)
-            below = off_diagonal.new_zeros(b, t, k, w * w).index_copy(-1, rows * w + cols, off_diagonal.view(b, t, k, -1))
+            below = off_diagonal.new_zeros(b, t, k, w * w)
+            below = below.index_copy(-1, rows * w + cols, off_diagonal.view(b, t, k, -1))
             scale_tril = below.view(b, t, k, w, w) + torch.diag_embed(log_stds.exp())
         return mixture_logits, means, log_stds, scale_tril
 
