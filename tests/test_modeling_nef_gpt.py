@@ -282,12 +282,10 @@ def test_full_covariance_samples_have_the_components_covariance_times_the_temper
     mean = torch.linspace(-1.0, 1.0, w)
     rows, cols = torch.tril_indices(w, w, offset=-1)
     with torch.no_grad():
-        model.head.mixture_proj.weight.zero_()
-        component = torch.cat([mean, factor.diagonal().log(), factor[rows, cols]])
+        model.head.mixture_proj.weight.zero_()  # layout: logits, means, log stds, below-diagonal entries
         model.head.mixture_proj.bias.copy_(torch.cat([torch.tensor([0.0, -30.0]), mean, mean,
                                                       factor.diagonal().log(), factor.diagonal().log(),
                                                       factor[rows, cols], factor[rows, cols]]))
-    assert component.numel() == 2 * w + len(rows)
     for temperature in (1.0, 0.5):
         samples = model.sample(6000, seed=0, temperature=temperature).double()
         for position, width in ((3, 5), (7, 4)):  # a whole chunk, and one whose last entry is padding
