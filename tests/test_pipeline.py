@@ -83,8 +83,8 @@ def lm_folder(tokenizer, tmp_path_factory):
     return folder
 
 
-def save_regression(folder, chunker: NeuronChunker, source: dict):
-    regression_for(chunker, source).save_pretrained(folder)
+def save_regression(folder, chunker: NeuronChunker, source: dict, **overrides):
+    regression_for(chunker, source, **overrides).save_pretrained(folder)
     chunker.save_pretrained(folder / "tokenizer")
     return folder
 
@@ -148,6 +148,21 @@ def test_regression_pipeline_equals_generate_weights_and_manual_decoding(regress
     assert torch.equal(sequences[:2], model.sample(2, temperature=0.7, seed=3, top_k=2))
     assert torch.equal(weights, stacked(pipe(output_type="weights", **options)))
     assert not torch.equal(weights, stacked(pipe(output_type="weights", **{**options, "seed": 4})))
+
+
+def test_full_covariance_regression_folder_samples_through_the_pipeline(tmp_path):
+    """Neuron chunks of several widths (padded) under a full-covariance head: the pipeline's fields are the
+    model's samples decoded, padding stays zero, and the loaded model keeps its covariance."""
+    init, _ = fields(SPEC)
+    chunker = NeuronChunker(SPEC, init, "neuron")
+    folder = save_regression(tmp_path / "full", chunker, IMAGE_SOURCE, mixture_covariance="full")
+    pipe = pipeline(TASK, model=str(folder))
+    assert pipe.model.config.mixture_covariance == "full" and pipe.model.head.full_covariance
+    weights = stacked(pipe(output_type="weights", num_samples=4, top_k=2, temperature=0.8, seed=5))
+    chunks = pipe.model.sample(4, temperature=0.8, seed=5, top_k=2)
+    assert torch.equal(weights, chunker.from_chunks(chunks)) and torch.isfinite(weights).all()
+    assert (chunks[~pipe.model.chunk_mask().expand_as(chunks)] == 0).all()
+    assert len(set(chunker.widths.tolist())) > 1, "the test needs padded chunks"
 
 
 def test_learned_embedding_folder_and_save_pretrained_round_trip(tmp_path):
