@@ -36,6 +36,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .models.nef_gpt.configuration_nef_gpt import MIXTURE_COVARIANCES
+
 logger = logging.getLogger(__name__)
 
 RUN_FORMAT = 1
@@ -110,8 +112,9 @@ class RunConfig:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.mixture_covariance not in ("diagonal", "full"):
-            raise ValueError(f"mixture_covariance must be 'diagonal' or 'full', got {self.mixture_covariance!r}")
+        if self.mixture_covariance not in MIXTURE_COVARIANCES:
+            raise ValueError(f"mixture_covariance must be {' or '.join(map(repr, MIXTURE_COVARIANCES))}, got "
+                             f"{self.mixture_covariance!r}")
         if not self.chunk_noise >= 0:
             raise ValueError(f"chunk_noise must be >= 0, got {self.chunk_noise}")
         if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 1:

@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 from .card_templates import read_card_template
+from .models.nef_gpt.configuration_nef_gpt import MIXTURE_COVARIANCES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CARD_TEMPLATE = REPO_ROOT / "hub_cards" / "nef_gpt_model_card.md"
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--num_key_value_heads", type=_positive_int, default=1)
     model.add_argument("--dropout", type=_fraction, default=0.0, help="hidden and attention dropout")
     model.add_argument("--num_mixtures", type=_positive_int, default=8, help="regression head only")
-    model.add_argument("--mixture_covariance", choices=("diagonal", "full"), default="diagonal",
+    model.add_argument("--mixture_covariance", choices=MIXTURE_COVARIANCES, default="diagonal",
                        help="regression head only: each mixture component's covariance over a chunk (full: a "
                             "Cholesky factor, w(w+1)/2 numbers per component; for short chunks)")
     model.add_argument("--chunk_noise", type=_non_negative_float, default=0.0,
