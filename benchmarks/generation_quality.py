@@ -19,7 +19,11 @@ not write it), ``code-train`` (the oracle's fields through the VAE: the ceiling 
 NefGPT has to beat on the same VAE). ``--skip-baselines`` leaves out the oracle and weight-space
 rows, for reruns that vary one strategy's settings; ``--sample-seeds 0 1 2`` draws each setting's samples
 several times (a row each, then a ``mean of N seeds`` row with the 1-NNA's standard error: on the chairs one draw
-spreads by 1.3-2.7 points), and ``--samples-only`` writes nothing but those rows. Every row: MMD,
+spreads by 1.3-2.7 points), and ``--samples-only`` writes nothing but those rows. ``--reconstruction`` adds, for
+the learned and code strategies, whether their autoencoder generalises: it fits the held-out items too (only for
+this) and prints the reconstruction IoU (shapes) or PSNR (images) of training and of held-out fields, beside each
+held-out field's most alike training field (`Run.reconstruction_row`; a table and one ``"bench":
+"reconstruction"`` JSON line each). Every generator row: MMD,
 COV, 1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split,
 the memorisation ratio (median nearest-training distance of samples / of held-out real items), for rows drawn as
 learned latents the latent NN ratio (the same in the autoencoder's latent space, the training set leave-one-out as
@@ -114,6 +118,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--samples-only", action="store_true",
                         help="only the generator's rows (implies --skip-baselines, and leaves out each strategy's "
                              "ceiling and trivial-prior rows): more sampling seeds for a trained model")
+    parser.add_argument("--reconstruction", action="store_true",
+                        help="learned / code strategies: also fit the held-out items and report the autoencoder's "
+                             "reconstruction of training vs held-out fields (does it generalise?)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
@@ -149,7 +156,7 @@ def main(argv=None) -> list[dict]:
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
     started = time.perf_counter()
-    rows, timings = [], {}
+    rows, timings, reconstructions = [], {}, []
     # a partial rerun writes beside the full table, not over it
     suffix = time.strftime("_%Y%m%d-%H%M%S") if args.skip_baselines else ""
     t0 = time.perf_counter()
@@ -165,6 +172,10 @@ def main(argv=None) -> list[dict]:
         run.config.num_train_epochs = args.code_epochs if strategy == "code" and args.code_epochs else args.epochs
         run.train(strategy, ["--per_device_train_batch_size", str(args.vq_batch_size)] if strategy == "vq" else ())
         timings[f"train_{strategy}"] = time.perf_counter() - t0
+        if args.reconstruction and strategy in ("learned", "code"):
+            if strategy == "code" and "learned" not in args.strategies:  # the autoencoder under the code VAE
+                reconstructions.append(run.reconstruction_row("learned"))
+            reconstructions.append(run.reconstruction_row(strategy))
         if strategy == "learned" and not args.samples_only:
             # the ceiling of the prior (training fields through the autoencoder), the trivial prior over the same
             # latents (one Gaussian) and jittered copies
@@ -198,12 +209,14 @@ def main(argv=None) -> list[dict]:
 
     rows += seed_means(rows)  # with --sample-seeds: each setting's mean over the draws, ± its standard error
     table = metrics_table(rows)
+    if reconstructions:
+        table += "\n\n" + reconstruction_table(reconstructions)
     quality = "psnr" if "psnr" in fields.column_names else "iou"
     header = (f"# Generation quality: {args.source}\n\n{len(train_idx)} training fields (mean {quality} "
               f"{sum(fields[quality]) / len(fields):.3f}), {len(test_idx)} held-out references; command: "
               f"`python benchmarks/generation_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
     (out / f"generation_quality{suffix}.md").write_text(header + table + "\n", encoding="utf-8")
-    payload = {"source": str(args.source), "rows": rows, "timings_s": timings,
+    payload = {"source": str(args.source), "rows": rows, "reconstruction": reconstructions, "timings_s": timings,
                "total_s": time.perf_counter() - started}
     (out / f"generation_quality{suffix}.json").write_text(json.dumps(payload, indent=2, default=float),
                                                           encoding="utf-8")
@@ -216,7 +229,20 @@ def main(argv=None) -> list[dict]:
                           "recognised": row["recognised"],
                           "invalid": row["invalid"],
                           **({"seeds": row["seeds"], "one_nna_se": row["one_nna_se"]} if "seeds" in row else {})}))
+    for row in reconstructions:
+        print(json.dumps({"bench": "reconstruction", "source": str(args.source), **row}))
     return rows
+
+
+def reconstruction_table(rows: list[dict]) -> str:
+    """Markdown table of `Run.reconstruction_row` results."""
+    lines = ["| autoencoder | measure | training fields | held-out fields | held-out: most alike training field |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        digits = 3 if row["measure"] == "iou" else 2
+        lines.append(f"| {row['strategy']} | {row['measure']} | {row['train']:.{digits}f} ({row['num_train']}) | "
+                     f"{row['heldout']:.{digits}f} ({row['num_heldout']}) | {row['retrieval']:.{digits}f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Folder layout (``OUT``)::
 
     run.json                    identity: source, split, settings, package version (another run's folder is refused)
     fields/                     fit of the training items (`fit_to_disk`, resumable shards; OUT/fields/dataset)
+    heldout_fields/             the held-out items fitted alike, only when asked (`Run.reconstruction_row`)
     reference/                  real items as .npy (test and training images or point clouds), the feature net
     {strategy}/tokenization/    `train_tokenizer` output (tokenizer/, dataset/, tokenize.json)
     {strategy}/model/           the trained NefGPT: pipeline("neural-field-generation", model=...) loads it
@@ -18,7 +19,8 @@ renamed, so Ctrl-C leaves either nothing or a finished stage; training resumes f
 Splits: a seeded permutation of the source (``split_seed``); MNIST's embedded 5,000 digits give 4,000 / 1,000,
 ModelNet10's 889 chairs 711 / 178 (``test_fraction`` 0.2). Only training items are fitted: generated fields are
 compared with the real held-out items (images, or point clouds sampled from the real shapes), as in
-HyperDiffusion.
+HyperDiffusion. The held-out items are fitted only for one diagnostic, `Run.reconstruction_row` (does the
+autoencoder reconstruct fields it has not seen?); nothing trains on them.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ RUN_FORMAT = 1
 STRATEGIES = ("naive", "vq", "learned", "code")
 NUM_POINTS = 2048  # points per cloud for the shape metrics (HyperDiffusion)
 MESH_RESOLUTION = 64  # marching-cubes lattice of generated shapes
+RECONSTRUCTION_RESOLUTION = 48  # occupancy lattice on which `reconstruction_row` compares shapes
 # Refuse to start below this much free disk: the MNIST quickstart writes ~150 MiB (fields, checkpoints, samples).
 MIN_FREE_BYTES = 256 * 2**20
 
@@ -368,6 +371,66 @@ def nearest_distances(a: torch.Tensor, b: torch.Tensor, exclude_self: bool = Fal
     return torch.cat(found).numpy()
 
 
+# ------------------------------------------------------------------------------------------------ reconstruction
+PSNR_CAP_DB = 100.0  # identical renderings: PSNR is infinite; reported as this cap (MSE floored at 1e-10)
+
+
+@torch.no_grad()
+def field_renderings(kind: str, spec, weights: torch.Tensor, source_info: dict, device="cpu",
+                     batch_size: int = 16) -> torch.Tensor:
+    """What `reconstruction_row` compares, one row per field: for ``kind`` ``"occupancy"``, the occupancy (logit >
+    0) on a `RECONSTRUCTION_RESOLUTION`³ lattice, ``(b, r³)`` bool; for images, the rendered pixels in [0, 1],
+    ``(b, H·W·C)`` float."""
+    from .fields.render import occupancy_grid, render_images
+
+    parts = []
+    for start in range(0, len(weights), batch_size):
+        chunk = weights[start:start + batch_size].float().to(device)
+        if kind == "occupancy":
+            parts.append((occupancy_grid(spec, chunk, RECONSTRUCTION_RESOLUTION) > 0).flatten(1).cpu())
+        else:
+            images = render_images(spec, chunk, source_info["image_shape"], source_info["mean"], source_info["std"])
+            parts.append(torch.as_tensor(images).flatten(1).float())
+    return torch.cat(parts)
+
+
+def _psnr(mse: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP_DB / 10)))
+
+
+def _scores(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All pairs: ``(len(a), len(b))`` IoU of bool rows (two empty rows: 1) or PSNR in dB of [0, 1] rows."""
+    if kind == "occupancy":
+        a, b = a.float(), b.float()
+        inter = a @ b.T
+        union = a.sum(1, keepdim=True) + b.sum(1)[None] - inter
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+    a, b = a.double(), b.double()  # |a|² + |b|² - 2ab: float64 keeps identical rows at ~1e-16, under the cap
+    mse = ((a ** 2).sum(1, keepdim=True) + (b ** 2).sum(1)[None] - 2 * a @ b.T).clamp_min(0) / a.shape[1]
+    return _psnr(mse).float()
+
+
+def paired_scores(kind: str, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Row i of ``a`` against row i of ``b`` (`field_renderings`): IoU for ``"occupancy"`` (two empty rows: 1),
+    else PSNR (dB, capped at `PSNR_CAP_DB`)."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired renderings must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if kind == "occupancy":
+        inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)).numpy()
+    return _psnr(((a.double() - b.double()) ** 2).mean(1)).float().numpy()
+
+
+def nearest_scores(kind: str, queries: torch.Tensor, pool: torch.Tensor, block: int = 256) -> np.ndarray:
+    """Each query's best score (`paired_scores`' measure) against any row of ``pool``: what returning the most
+    alike pool item would reach, in blocks of ``block`` queries."""
+    if len(pool) == 0:
+        raise ValueError("nearest_scores needs a non-empty pool")
+    pool = pool.float() if kind == "occupancy" else pool
+    return torch.cat([_scores(kind, queries[s:s + block], pool).max(1).values
+                      for s in range(0, len(queries), block)]).numpy()
+
+
 # ------------------------------------------------------------------------------------------------ the run
 @dataclass
 class Run:
@@ -388,6 +451,7 @@ class Run:
         self._source = None
         self._split = None
         self._fields = None
+        self._heldout_fields = None
         self._train_latents = None  # the training fields' autoencoder latents (`latent_nn_ratio`)
 
     # -------------------------------------------------------------------------------------- data
@@ -423,6 +487,75 @@ class Run:
         self._fields = fit_to_disk(part, self.out / "fields", spec=default_spec(self.source), config=config,
                                    device=self.device, progress=self.progress)
         return self._fields
+
+    def heldout_fields(self):
+        """The held-out items fitted to fields exactly as the training items were (same settings, same shared
+        initialisation; OUT/heldout_fields/dataset, resumable). Only `reconstruction_row` reads them: no stage trains
+        on them, and generated fields are still compared with the real held-out items."""
+        if self._heldout_fields is not None:
+            return self._heldout_fields
+        from .data.metadata import get_shared_init
+        from .data.sources import default_fit_config, default_spec
+        from .data.weights import fit_to_disk
+
+        train_fields = self.fit()
+        _, test = self.split()
+        config = default_fit_config(self.source, steps=self.config.fit_steps, batch_size=self.config.fit_batch_size,
+                                    seed=self.config.seed)
+        fields = fit_to_disk(subset_source(self.source, test), self.out / "heldout_fields",
+                             spec=default_spec(self.source), config=config, device=self.device, progress=self.progress)
+        mine, theirs = get_shared_init(fields), get_shared_init(train_fields)
+        if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
+            raise RunMismatchError(f"{self.out / 'heldout_fields'} was fitted from another shared initialisation than "
+                                   f"{self.out / 'fields'}: delete it to refit")
+        self._heldout_fields = fields
+        return fields
+
+    def reconstruction_row(self, strategy: str | None = None, seed: int = 0) -> dict:
+        """Does the tokenization's autoencoder generalise? Its reconstructions of as many training fields as held-out
+        items (the oracle's seeded choice) and of every held-out field (`heldout_fields`), each against the field
+        itself (shapes: IoU of the occupancy on a 48³ lattice; images: PSNR in dB of the rendered pixels), and
+        ``retrieval``: each held-out field against its most alike training field (an autoencoder that only
+        memorised its training set could at best return that). For the ``"learned"`` strategy (the autoencoder)
+        and ``"code"`` (its code VAE, through the posterior means). Returns ``{"strategy":
+        "reconstruction-<strategy>", "measure": "iou" | "psnr_db", "train", "heldout", "retrieval" (means),
+        "num_train", "num_heldout"}``."""
+        from .data.metadata import get_source_info, get_spec, weights_tensor
+
+        strategy = strategy or self.config.strategy
+        if strategy not in ("learned", "code"):
+            raise ValueError(f"reconstruction_row measures the autoencoders of the 'learned' and 'code' strategies; "
+                             f"{strategy!r} reconstructs {'exactly' if strategy == 'naive' else 'through its codebook'}")
+        train_fields = self.fit()
+        spec, info = get_spec(train_fields), get_source_info(train_fields)
+        kind = "occupancy" if self.source.kind != "image" else "image"
+        train = weights_tensor(train_fields)
+        heldout = weights_tensor(self.heldout_fields())
+        if strategy == "learned":
+            autoencoder = self._autoencoder()
+
+            def reconstruct(weights):
+                return autoencoder(weights.to(self.device))[0].float().cpu()
+        else:
+            vae = self.code_vae()
+
+            def reconstruct(weights):
+                codes = vae.encode(weights.to(self.device))
+                return vae.autoencoder.decode(vae.decode_latents(codes)).float().cpu()
+
+        def render(weights):
+            return field_renderings(kind, spec, weights, info, self.device)
+
+        scores = {}
+        for name, weights in (("train", self._oracle_weights(seed)), ("heldout", heldout)):
+            with torch.no_grad():
+                decoded = torch.cat([reconstruct(part) for part in weights.split(256)])
+            scores[name] = paired_scores(kind, render(weights), render(decoded))
+        retrieval = nearest_scores(kind, render(heldout), render(train))
+        return {"strategy": f"reconstruction-{strategy}", "measure": "iou" if kind == "occupancy" else "psnr_db",
+                "train": float(scores["train"].mean()), "heldout": float(scores["heldout"].mean()),
+                "retrieval": float(retrieval.mean()), "num_train": len(scores["train"]),
+                "num_heldout": len(scores["heldout"])}
 
     def reference(self, which: str) -> np.ndarray:
         """Real items of the ``"train"`` or ``"test"`` split (images or point clouds), cached as .npy."""

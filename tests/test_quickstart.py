@@ -116,6 +116,39 @@ def test_nearest_distances_match_brute_force_in_blocks():
     assert np.allclose(nearest_distances(a, a, exclude_self=True, block=4), among.min(1).values.numpy())
 
 
+def test_reconstruction_scores_match_brute_force():
+    from nef_transformers.experiment import PSNR_CAP_DB, nearest_scores, paired_scores
+
+    rng = np.random.default_rng(0)
+    a, b = torch.as_tensor(rng.random((5, 30)) > 0.5), torch.as_tensor(rng.random((7, 30)) > 0.6)
+
+    def iou(x, y):
+        x, y = x.numpy(), y.numpy()
+        union = (x | y).sum()
+        return 1.0 if union == 0 else (x & y).sum() / union
+
+    assert np.allclose(paired_scores("occupancy", a, b[:5]), [iou(x, y) for x, y in zip(a, b[:5])])
+    assert np.allclose(nearest_scores("occupancy", a, b, block=2), [max(iou(x, y) for y in b) for x in a])
+    assert np.allclose(paired_scores("occupancy", a, a), 1.0)
+    empty = torch.zeros(2, 30, dtype=torch.bool)
+    assert np.allclose(paired_scores("occupancy", empty, empty), 1.0)  # two empty shapes agree
+    assert np.allclose(nearest_scores("occupancy", empty, torch.cat([a, empty]), block=1), 1.0)
+    x = torch.as_tensor(rng.random((4, 12)), dtype=torch.float32)
+    y = torch.as_tensor(rng.random((6, 12)), dtype=torch.float32)
+
+    def psnr(p, q):
+        return 10 * np.log10(1 / np.mean((p.numpy().astype(np.float64) - q.numpy()) ** 2))
+
+    assert np.allclose(paired_scores("image", x, y[:4]), [psnr(p, q) for p, q in zip(x, y[:4])], atol=1e-4)
+    assert np.allclose(nearest_scores("image", x, y, block=3), [max(psnr(p, q) for q in y) for p in x], atol=1e-4)
+    assert np.allclose(paired_scores("image", x, x), PSNR_CAP_DB)  # identical renderings: the cap, not inf
+    assert np.allclose(nearest_scores("image", x, torch.cat([y, x])), PSNR_CAP_DB)  # each query finds itself
+    with pytest.raises(ValueError, match="one shape"):
+        paired_scores("image", x, y)
+    with pytest.raises(ValueError, match="non-empty pool"):
+        nearest_scores("image", x, y[:0])
+
+
 def test_noisy_baseline_adds_scaled_noise_to_training_rows():
     train = torch.randn(500, 3) * torch.tensor([1.0, 10.0, 0.1])
     noisy = noisy_weights(train, 500, scale=0.5, seed=0)
@@ -294,6 +327,23 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         code.code_mixture_row(components=100)
     with pytest.raises(ValueError, match="components must be an int >= 1, got 0"):
         code.code_mixture_row(components=0)
+    # does the autoencoder generalise? The held-out items fitted alike (same shared init), only for this diagnostic
+    from nef_transformers.data.metadata import get_shared_init
+
+    learned_recon = run.reconstruction_row("learned")
+    heldout = run.heldout_fields()
+    assert len(heldout) == 8 and len(run.fit()) == 32
+    assert torch.equal(get_shared_init(heldout), get_shared_init(run.fit()))
+    assert learned_recon["strategy"] == "reconstruction-learned" and learned_recon["measure"] == "psnr_db"
+    assert learned_recon["num_train"] == learned_recon["num_heldout"] == 8
+    assert all(0 < learned_recon[k] < 100 for k in ("train", "heldout", "retrieval"))
+    stamps = [p.stat().st_mtime_ns for p in sorted((out / "heldout_fields" / "shards").iterdir())]
+    code_recon = code.reconstruction_row()
+    assert code_recon["strategy"] == "reconstruction-code" and code_recon["retrieval"] == learned_recon["retrieval"]
+    assert code_recon["train"] != learned_recon["train"]  # through the VAE's codes, not the latents
+    assert [p.stat().st_mtime_ns for p in sorted((out / "heldout_fields" / "shards").iterdir())] == stamps  # reused
+    with pytest.raises(ValueError, match="'naive' reconstructs exactly"):
+        run.reconstruction_row("naive")
     with pytest.raises(RunMismatchError, match="sigma2: 0.3 there, 0.5 asked"):
         Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
