@@ -344,6 +344,17 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert [p.stat().st_mtime_ns for p in sorted((out / "heldout_fields" / "shards").iterdir())] == stamps  # reused
     with pytest.raises(ValueError, match="'naive' reconstructs exactly"):
         run.reconstruction_row("naive")
+    # held-out fields from another shared init would not be the same kind of field: refused, the way out named
+    info_path = out / "heldout_fields" / "dataset" / "dataset_info.json"
+    original = info_path.read_text()
+    info = json.loads(original)
+    description = json.loads(info["description"])
+    description["nef_transformers"]["shared_init"][0] += 1.0
+    info["description"] = json.dumps(description)
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(RunMismatchError, match="another shared initialisation .* delete it to refit"):
+        Run(out, RunConfig(**same), device="cpu", progress=False).heldout_fields()
+    info_path.write_text(original)
     with pytest.raises(RunMismatchError, match="sigma2: 0.3 there, 0.5 asked"):
         Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
