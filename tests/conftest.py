@@ -2,6 +2,10 @@
 with 1 thread on the 2-core machines), and the path of the shared offline data."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,3 +27,35 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the shared offline data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture
+def accelerate_launch():
+    """Run ``accelerate launch --multi_gpu --num_processes 2 ... <args>`` on CPU: each launch on a free port of its
+    own (no clash with a previous launch's socket), so that a launch that hangs past ``timeout`` is killed with all
+    its ranks (none left running) and the test fails with what it printed."""
+
+    def launch(args, env, timeout=240) -> subprocess.CompletedProcess:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+                   "--dynamo_backend", "no", *args]
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            import psutil  # an accelerate dependency
+
+            # the ranks may run in sessions of their own (torch elastic): kill the launcher's whole tree
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"a 2-process launch hung for {timeout} s and was killed with its ranks: {args[:4]} ...\n"
+                        f"stdout ended with:\n{stdout[-1500:]}\nstderr ended with:\n{stderr[-3000:]}")
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+    return launch

@@ -1,8 +1,6 @@
 """`nef-transformers fit`: a real run, its errors, and a real 2-process accelerate launch."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -44,15 +42,13 @@ def test_invalid_flags_are_rejected_by_the_parser(tmp_path, capsys, flag, value)
     assert exit_info.value.code == 2 and flag in capsys.readouterr().err
 
 
-def test_two_process_accelerate_launch_splits_the_shards(tmp_path):
+def test_two_process_accelerate_launch_splits_the_shards(tmp_path, accelerate_launch):
     """HF_NOTES.md: only --multi_gpu with a CPU accelerator really starts 2 gloo processes on CPU."""
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "nef_transformers.cli", "fit", "--source", "mnist", "--num-fields", "12", "--out", str(out),
-               "--steps", "3", "--hidden-dim", "4", "--shard-size", "4", "--device", "cpu"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    result = accelerate_launch(["-m", "nef_transformers.cli", "fit", "--source", "mnist", "--num-fields", "12", "--out",
+                                str(out), "--steps", "3", "--hidden-dim", "4", "--shard-size", "4", "--device", "cpu"],
+                               env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[2 processes]" in result.stdout
     assert "[process 1]" in result.stderr  # the second process really fitted shards

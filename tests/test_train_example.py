@@ -4,8 +4,6 @@ hub calls) and one real 2-process CPU run under `accelerate launch` that stops a
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -324,18 +322,15 @@ def test_bad_card_metrics_fail_before_training(train, data, tmp_path):
     assert not (tmp_path / "model").exists(), "refused before any training"
 
 
-def test_two_cpu_processes_train_and_resume(data, tmp_path):
+def test_two_cpu_processes_train_and_resume(data, tmp_path, accelerate_launch):
     """HF_NOTES trap 3: --multi_gpu + Accelerator(cpu=True) gives one gloo run of world size 2."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(TRAIN_SCRIPT), "--cpu",
-              *ids_args(data, tmp_path, "--max_train_steps", "4", "--checkpointing_steps", "2",
-                        "--per_device_train_batch_size", "4")]
+    args = [str(TRAIN_SCRIPT), "--cpu", *ids_args(data, tmp_path, "--max_train_steps", "4", "--checkpointing_steps",
+                                                   "2", "--per_device_train_batch_size", "4")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(launch + ["--stop_after_steps", "2"], env=env, capture_output=True, text=True, timeout=240)
+    first = accelerate_launch(args + ["--stop_after_steps", "2"], env)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "checkpoints" / "step_2").is_dir() and not (tmp_path / "model.safetensors").exists()
-    second = subprocess.run(launch + ["--resume_from_checkpoint", "latest"], env=env, capture_output=True, text=True,
-                            timeout=240)
+    second = accelerate_launch(args + ["--resume_from_checkpoint", "latest"], env)
     assert second.returncode == 0, second.stderr[-3000:]
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["world_size"] == 2, "two launched processes must form one run of world size 2"
