@@ -398,13 +398,16 @@ def _psnr(mse: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(10 ** (-PSNR_CAP_DB / 10)))
 
 
+def _iou(inter: torch.Tensor, union: torch.Tensor) -> torch.Tensor:
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))  # two empty shapes: 1
+
+
 def _scores(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """All pairs: ``(len(a), len(b))`` IoU of bool rows (two empty rows: 1) or PSNR in dB of [0, 1] rows."""
     if kind == "occupancy":
         a, b = a.float(), b.float()
         inter = a @ b.T
-        union = a.sum(1, keepdim=True) + b.sum(1)[None] - inter
-        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter))
+        return _iou(inter, a.sum(1, keepdim=True) + b.sum(1)[None] - inter)
     a, b = a.double(), b.double()  # |a|² + |b|² - 2ab: float64 keeps identical rows at ~1e-16, under the cap
     mse = ((a ** 2).sum(1, keepdim=True) + (b ** 2).sum(1)[None] - 2 * a @ b.T).clamp_min(0) / a.shape[1]
     return _psnr(mse).float()
@@ -416,8 +419,7 @@ def paired_scores(kind: str, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     if a.shape != b.shape:
         raise ValueError(f"paired renderings must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     if kind == "occupancy":
-        inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
-        return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(inter)).numpy()
+        return _iou((a & b).sum(1).float(), (a | b).sum(1).float()).numpy()
     return _psnr(((a.double() - b.double()) ** 2).mean(1)).float().numpy()
 
 
@@ -473,19 +475,21 @@ class Run:
                                         self.config.num_items)
         return self._split
 
-    def fit(self):
-        """The training items fitted to fields: a weight dataset (OUT/fields/dataset)."""
-        if self._fields is not None:
-            return self._fields
+    def _fit_items(self, indices, folder: str):
+        """Items ``indices`` of the source fitted to fields in OUT/``folder`` (`fit_to_disk`: resumable), with the
+        run's fitting settings: every call fits alike, from the same shared initialisation."""
         from .data.sources import default_fit_config, default_spec
         from .data.weights import fit_to_disk
 
-        train, _ = self.split()
-        part = subset_source(self.source, train)
         config = default_fit_config(self.source, steps=self.config.fit_steps, batch_size=self.config.fit_batch_size,
                                     seed=self.config.seed)
-        self._fields = fit_to_disk(part, self.out / "fields", spec=default_spec(self.source), config=config,
-                                   device=self.device, progress=self.progress)
+        return fit_to_disk(subset_source(self.source, indices), self.out / folder, spec=default_spec(self.source),
+                           config=config, device=self.device, progress=self.progress)
+
+    def fit(self):
+        """The training items fitted to fields: a weight dataset (OUT/fields/dataset)."""
+        if self._fields is None:
+            self._fields = self._fit_items(self.split()[0], "fields")
         return self._fields
 
     def heldout_fields(self):
@@ -495,15 +499,9 @@ class Run:
         if self._heldout_fields is not None:
             return self._heldout_fields
         from .data.metadata import get_shared_init
-        from .data.sources import default_fit_config, default_spec
-        from .data.weights import fit_to_disk
 
         train_fields = self.fit()
-        _, test = self.split()
-        config = default_fit_config(self.source, steps=self.config.fit_steps, batch_size=self.config.fit_batch_size,
-                                    seed=self.config.seed)
-        fields = fit_to_disk(subset_source(self.source, test), self.out / "heldout_fields",
-                             spec=default_spec(self.source), config=config, device=self.device, progress=self.progress)
+        fields = self._fit_items(self.split()[1], "heldout_fields")
         mine, theirs = get_shared_init(fields), get_shared_init(train_fields)
         if (mine is None) != (theirs is None) or (mine is not None and not torch.equal(mine, theirs)):
             raise RunMismatchError(f"{self.out / 'heldout_fields'} was fitted from another shared initialisation than "
