@@ -89,6 +89,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--ae-latent-dim", type=int, default=4, help="learned strategy: latent width per neuron")
     parser.add_argument("--ae-latent-noise", type=float, default=0.0,
                         help="learned strategy: training noise on the latents, in units of their std (NefAutoencoderConfig)")
+    parser.add_argument("--ae-encoder", choices=("weights", "function"), default="weights",
+                        help="learned strategy: what the autoencoder's encoder reads, the neurons' weights or the "
+                             "field on a lattice (a CNN; chairs: held-out reconstruction IoU 0.55 against 0.33)")
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
     parser.add_argument("--code-mixture", type=int, default=8,
@@ -148,7 +151,8 @@ def main(argv=None) -> list[dict]:
                        num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
                        autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
                        autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
-                       autoencoder_latent_noise=args.ae_latent_noise, code_dim=args.code_dim,
+                       autoencoder_latent_noise=args.ae_latent_noise, autoencoder_encoder=args.ae_encoder,
+                       code_dim=args.code_dim,
                        code_chunk_width=args.code_chunk_width, code_sigma2=args.code_sigma2,
                        code_steps=args.code_steps, code_draws=args.code_draws,
                        code_drop_inactive=args.code_drop_inactive,

@@ -90,6 +90,9 @@ class RunConfig:
     autoencoder_latent_dim: int = 4
     autoencoder_batch_size: int | None = None  # None: 16 for shapes, 64 for images (`train_tokenizer`)
     autoencoder_latent_noise: float = 0.0  # `NefAutoencoderConfig.latent_noise`
+    # what the autoencoder's encoder reads: "weights" (the neurons) or "function" (the field on a lattice, a CNN;
+    # `NefAutoencoderConfig.encoder`)
+    autoencoder_encoder: str = "weights"
     # code strategy: a VAE over the learned strategy's latents (`NefCodeConfig`); NefGPT models its codes
     code_dim: int = 32
     code_chunk_width: int = 4
@@ -122,6 +125,10 @@ class RunConfig:
             raise ValueError(f"chunk_noise must be >= 0, got {self.chunk_noise}")
         if isinstance(self.eval_steps, bool) or not isinstance(self.eval_steps, int) or self.eval_steps < 1:
             raise ValueError(f"eval_steps must be an int >= 1, got {self.eval_steps!r}")
+        from .tokenization.learned import ENCODERS
+
+        if self.autoencoder_encoder not in ENCODERS:
+            raise ValueError(f"autoencoder_encoder must be one of {ENCODERS}, got {self.autoencoder_encoder!r}")
 
     def stage_settings(self, strategy: str) -> dict:
         """The settings a strategy's cached tokenization and model were made with (compared on reuse)."""
@@ -129,7 +136,7 @@ class RunConfig:
         if strategy in ("learned", "code"):
             tokenization = {"epochs": self.autoencoder_epochs, "hidden_size": self.autoencoder_hidden_size,
                             "num_layers": self.autoencoder_layers, "latent_dim": self.autoencoder_latent_dim,
-                            "latent_noise": self.autoencoder_latent_noise}
+                            "latent_noise": self.autoencoder_latent_noise, "encoder": self.autoencoder_encoder}
         if strategy == "code":  # the autoencoder's settings, then the VAE's
             tokenization = {**{f"autoencoder_{k}": v for k, v in tokenization.items()}, **self.code_config().__dict__}
         model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
@@ -621,7 +628,7 @@ class Run:
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
             # older folders: the MSE was the only loss, 64 the only batch, no latent noise
-            settings = {"function_loss": "mse", "latent_noise": 0.0, **info.get("settings", {}),
+            settings = {"function_loss": "mse", "latent_noise": 0.0, "encoder": "weights", **info.get("settings", {}),
                         "epochs": info.get("epochs"), "batch_size": info.get("batch_size", 64)}
             saved = {k: settings.get(k) for k in wanted}
             _check_cached(folder, saved, wanted)
@@ -638,7 +645,8 @@ class Run:
             autoencoder_config = NefAutoencoderConfig(
                 spec=get_spec(dataset).to_dict(), latent_dim=c.autoencoder_latent_dim,
                 hidden_size=c.autoencoder_hidden_size, num_layers=c.autoencoder_layers,
-                function_loss=self._function_loss(), latent_noise=c.autoencoder_latent_noise)
+                function_loss=self._function_loss(), latent_noise=c.autoencoder_latent_noise,
+                encoder=c.autoencoder_encoder)
         train_tokenizer(dataset, strategy, out_dir=tmp, autoencoder_config=autoencoder_config,
                         autoencoder_epochs=self.config.autoencoder_epochs,
                         autoencoder_batch_size=self._autoencoder_batch_size() if strategy == "learned" else None,
@@ -657,7 +665,8 @@ class Run:
                   "autoencoder_batch_size": self._autoencoder_batch_size()}
         if (folder / "tokenize.json").is_file():
             info = json.loads((folder / "tokenize.json").read_text(encoding="utf-8"))
-            saved = {"drop_inactive": False, **info.get("run_settings", {})}  # older runs: every dimension
+            # older runs: every dimension, the weights encoder
+            saved = {"drop_inactive": False, "autoencoder_encoder": "weights", **info.get("run_settings", {})}
             _check_cached(folder, {k: saved.get(k) for k in wanted}, wanted)
             return folder
         autoencoder = self._autoencoder().cpu()

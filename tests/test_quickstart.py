@@ -264,6 +264,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**same, chunk_noise=0.3), device="cpu", progress=False).train()
     with pytest.raises(RunMismatchError, match="latent_noise: 0.0 there, 0.3 asked"):
         Run(out, RunConfig(**same, autoencoder_latent_noise=0.3), device="cpu", progress=False).tokenize()
+    with pytest.raises(RunMismatchError, match="encoder: 'weights' there, 'function' asked"):
+        Run(out, RunConfig(**same, autoencoder_encoder="function"), device="cpu", progress=False).tokenize()
     # the autoencoder ceiling row: the oracle's training fields through the autoencoder, scored like the others
     run = Run(out, RunConfig(**same), device="cpu", progress=False)
     row = run.autoencoder_row()
@@ -359,6 +361,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
         Run(out, RunConfig(**{**code_settings, "autoencoder_hidden_size": 96}), device="cpu", progress=False).tokenize()
+    with pytest.raises(RunMismatchError, match="autoencoder_encoder: 'weights' there, 'function' asked"):
+        Run(out, RunConfig(**code_settings, autoencoder_encoder="function"), device="cpu", progress=False).tokenize()
     # NefGPT's mixture covariance is one of its settings; models saved before the option had diagonal ones
     with pytest.raises(RunMismatchError, match="mixture_covariance: 'diagonal' there, 'full' asked"):
         Run(out, RunConfig(**code_settings, mixture_covariance="full"), device="cpu", progress=False).train()
@@ -403,6 +407,8 @@ def test_run_config_refuses_bad_settings():
         RunConfig(chunk_noise=-1)
     with pytest.raises(ValueError, match="mixture_covariance must be 'diagonal' or 'full', got 'tied'"):
         RunConfig(mixture_covariance="tied")
+    with pytest.raises(ValueError, match=r"autoencoder_encoder must be one of \('weights', 'function'\), got 'cnn'"):
+        RunConfig(autoencoder_encoder="cnn")
     for steps in (0, 2.5, True):
         with pytest.raises(ValueError, match=rf"eval_steps must be an int >= 1, got {steps}"):
             RunConfig(eval_steps=steps)

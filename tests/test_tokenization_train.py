@@ -124,7 +124,13 @@ def test_tokenize_command_code_strategy_and_the_shapes_loss(weight_dataset, tmp_
                               "--out", str(tmp_path / "learned")])
     assert args.handler(args) == 0
     info = json.loads((tmp_path / "learned" / "tokenize.json").read_text())
-    assert info["settings"]["function_loss"] == "kl"
+    assert info["settings"]["function_loss"] == "kl" and info["settings"]["encoder"] == "weights"
+    # --encoder function: the CNN over the field, saved with the tokenizer
+    args = parser.parse_args(["tokenize", "--nefs", str(tmp_path / "shapes"), "--strategy", "learned", "--epochs", "1",
+                              "--encoder", "function", "--out", str(tmp_path / "function")])
+    assert args.handler(args) == 0
+    assert json.loads((tmp_path / "function" / "tokenize.json").read_text())["settings"]["encoder"] == "function"
+    assert load_tokenization(tmp_path / "function").config.encoder == "function"
 
 
 def test_unknown_strategy(weight_dataset):
@@ -256,3 +262,61 @@ def test_latent_noise_is_training_only_and_relative_to_the_latents_spread(weight
     assert NefAutoencoder.from_pretrained(tmp_path).config.latent_noise == 0.5
     with pytest.raises(ValueError, match="latent_noise must be >= 0, got -0.1"):
         NefAutoencoderConfig(spec=SPEC.to_dict(), latent_noise=-0.1)
+
+
+@pytest.mark.parametrize("spec", [SPEC, SHAPE_SPEC], ids=["image", "shape"])
+def test_function_encoder_reads_the_field_not_its_weights(spec):
+    from nef_transformers.tokenization.permutation import permute_hidden_units
+
+    generator = torch.Generator().manual_seed(0)
+    init = siren_init(spec, 1, generator=generator)[0]
+    weights = init + 0.05 * torch.randn(4, spec.num_params, generator=generator)
+    perms = [torch.stack([torch.randperm(spec.hidden_dim, generator=generator) for _ in range(4)])
+             for _ in range(spec.num_layers - 1)]
+    permuted = permute_hidden_units(spec, weights, perms)
+    assert not torch.allclose(permuted, weights)
+    loss = "kl" if spec.in_dim == 3 else "mse"
+    reads_field = NefAutoencoder(NefAutoencoderConfig(spec=spec.to_dict(), hidden_size=16, num_heads=2,
+                                                      function_loss=loss, encoder="function",
+                                                      encoder_resolution=16), init).eval()
+    reads_weights = NefAutoencoder(NefAutoencoderConfig(spec=spec.to_dict(), hidden_size=16, num_heads=2,
+                                                        function_loss=loss), init).eval()
+    with torch.no_grad():
+        latents = reads_field.encode(weights)
+        assert latents.shape == (4, reads_field.num_tokens, 4)
+        # the same functions drawn by other weights: the same latents; the neuron encoder sees other weights
+        assert torch.allclose(reads_field.encode(permuted), latents, atol=1e-5)
+        assert not torch.allclose(reads_weights.encode(permuted), reads_weights.encode(weights), atol=1e-3)
+        # other fields: other latents
+        assert not torch.allclose(reads_field.encode(weights.roll(1, 0)), latents, atol=1e-3)
+
+
+def test_function_encoder_trains_saves_and_reloads(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    init = siren_init(SHAPE_SPEC, 1, generator=generator)[0]
+    weights = init + 0.05 * torch.randn(32, SHAPE_SPEC.num_params, generator=generator)
+    config = NefAutoencoderConfig(spec=SHAPE_SPEC.to_dict(), hidden_size=16, num_heads=2, function_loss="kl",
+                                  encoder="function", encoder_resolution=8)
+    pool = torch.rand(2048, 3, generator=generator) - 0.5
+    model, info = train_autoencoder(weights, SHAPE_SPEC, init, pool, config, epochs=6, batch_size=16, lr=3e-3,
+                                    progress=False, points_per_step=256, surface_fraction=0.5)
+    assert info["loss_curve"][-1] < info["loss_curve"][0]
+    assert not any(key.startswith(("encoder", "to_latent")) for key in model.state_dict())  # no unused encoder
+    assert "lattice" not in model.state_dict()  # rebuilt from the config, not saved
+    model.save_pretrained(tmp_path)
+    again = NefAutoencoder.from_pretrained(tmp_path)
+    assert again.config.encoder == "function" and again.config.encoder_resolution == 8
+    with torch.no_grad():
+        assert torch.equal(again.encode(weights), model.encode(weights))
+        assert torch.equal(again(weights)[0], model(weights)[0])
+
+
+def test_function_encoder_settings_are_checked():
+    with pytest.raises(ValueError, match=r"encoder must be one of \('weights', 'function'\), got 'pixels'"):
+        NefAutoencoderConfig(spec=SPEC.to_dict(), encoder="pixels")
+    with pytest.raises(ValueError, match="encoder_resolution must be a multiple of 8 .* got 20"):
+        NefAutoencoderConfig(spec=SPEC.to_dict(), encoder="function", encoder_resolution=20)
+    line = SirenSpec(in_dim=1, out_dim=1, hidden_dim=8, num_layers=2)
+    with pytest.raises(ValueError, match="2-D or 3-D lattice; the spec's fields take 1-D inputs"):
+        NefAutoencoderConfig(spec=line.to_dict(), encoder="function")
+    NefAutoencoderConfig(spec=line.to_dict())  # the neuron encoder takes any input dimension

@@ -9,6 +9,13 @@ subset). The reconstruction loss is measured in function space, on the fields' o
 (image pixels, points in the shape cube), plus a small weight-space term that anchors the directions the
 coordinates do not constrain.
 
+With ``encoder="function"`` (`NefAutoencoderConfig`) the encoder reads the field instead of its weights: its
+outputs on a lattice (24³ points of the shape cube, 24 x 24 of the image), through a small CNN, to the same
+``(t, latent_dim)`` latents; the decoder is the same. Two fitted fields that draw the same shape then encode alike
+whatever their weights, and hidden-unit permutations change nothing. On the 711 ModelNet10 chairs it reconstructs
+held-out chairs at occupancy IoU 0.55 where the neuron encoder reaches 0.33 (training chairs 0.73 / 0.71;
+benchmarks/RESULTS.md, session 15): the neuron encoder memorises its 711 fields, the function encoder generalises.
+
 Axis legend: ``b`` fields, ``p`` flat parameters, ``t`` neurons (tokens), ``w`` chunk width, ``d`` features,
 ``n`` coordinates.
 """
@@ -33,6 +40,7 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FUNCTION_LOSSES = ("mse", "kl")
+ENCODERS = ("weights", "function")
 
 
 @dataclass
@@ -62,6 +70,15 @@ class NefAutoencoderConfig:
             (detached, so the encoder cannot outgrow it by scaling up). It teaches the decoder to tolerate the
             small errors a prior makes when it generates latents (the regularised latents of latent diffusion:
             Rombach et al. 2022, https://arxiv.org/abs/2112.10752). 0: the plain autoencoder.
+        encoder (`str`, *optional*, defaults to `"weights"`): what the encoder reads. `"weights"`: the neurons'
+            weights (the transformer over the network's neurons, the module doc). `"function"`: the field's
+            outputs on an ``encoder_resolution`` lattice (occupancy probabilities for ``function_loss="kl"``, the
+            outputs themselves otherwise), through a CNN (2-D for images, 3-D for shapes): three stride-2
+            convolutions of 32, 64 and 128 channels, then an MLP of width 512 to the latents. It generalises to
+            fields it was not trained on where the weights encoder memorises (chairs: RESULTS.md, session 15).
+            Needs a 2-D or 3-D input.
+        encoder_resolution (`int`, *optional*, defaults to 24): lattice points per axis the function encoder reads
+            (a multiple of 8). Shapes: the cube ``[-0.5, 0.5]³``; images: pixel centres on ``[-1, 1]²``.
     """
 
     spec: dict
@@ -73,6 +90,8 @@ class NefAutoencoderConfig:
     weight_loss_weight: float = 0.1
     function_loss: str = "mse"
     latent_noise: float = 0.0
+    encoder: str = "weights"
+    encoder_resolution: int = 24
 
     def __post_init__(self):
         if self.function_loss not in FUNCTION_LOSSES:
@@ -89,6 +108,16 @@ class NefAutoencoderConfig:
             raise ValueError("NefAutoencoderConfig loss weights must be >= 0 and not both 0")
         if not self.latent_noise >= 0:
             raise ValueError(f"NefAutoencoderConfig.latent_noise must be >= 0, got {self.latent_noise}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"NefAutoencoderConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        resolution = self.encoder_resolution
+        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 8 or resolution % 8:
+            raise ValueError(f"NefAutoencoderConfig.encoder_resolution must be a multiple of 8 (>= 8), got "
+                             f"{resolution!r}")
+        in_dim = SirenSpec.from_dict(self.spec).in_dim
+        if self.encoder == "function" and in_dim not in (2, 3):
+            raise ValueError(f"the function encoder reads a 2-D or 3-D lattice; the spec's fields take {in_dim}-D "
+                             "inputs")
 
 
 def occupancy_kl(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -104,6 +133,27 @@ def _stack(config: NefAutoencoderConfig) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(config.hidden_size, config.num_heads, 4 * config.hidden_size, dropout=0.0,
                                        batch_first=True, norm_first=True, activation="gelu")
     return nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+
+
+def _encoder_lattice(in_dim: int, resolution: int) -> torch.Tensor:
+    """The function encoder's input points, ``(resolution ** in_dim, in_dim)``, in row-major lattice order."""
+    if in_dim == 3:
+        from ..fields.render import volume_grid
+
+        return volume_grid(resolution)
+    from ..data.images import image_grid
+
+    return image_grid(resolution, resolution)
+
+
+def _field_cnn(in_dim: int, channels: int, resolution: int, outputs: int) -> nn.Sequential:
+    """Three stride-2 convolutions (32, 64, 128 channels; ``resolution`` -> ``resolution / 8``), then an MLP."""
+    conv = nn.Conv3d if in_dim == 3 else nn.Conv2d
+    return nn.Sequential(
+        conv(channels, 32, 4, stride=2, padding=1), nn.SiLU(),
+        conv(32, 64, 4, stride=2, padding=1), nn.SiLU(),
+        conv(64, 128, 4, stride=2, padding=1), nn.SiLU(), nn.Flatten(),
+        nn.Linear(128 * (resolution // 8) ** in_dim, 512), nn.SiLU(), nn.Linear(512, outputs))
 
 
 class NefAutoencoder(nn.Module):
@@ -128,11 +178,19 @@ class NefAutoencoder(nn.Module):
         self.register_buffer("shared_init", torch.zeros(self.spec.num_params) if shared_init is None
                              else torch.as_tensor(shared_init).detach().clone().float())
         d = config.hidden_size
-        # 1. encoder: chunk -> d, plus a learned embedding of the neuron's place (layer, index)
-        self.encoder_in = nn.Linear(w, d)
-        self.encoder_position = nn.Parameter(torch.randn(t, d) * 0.02)
-        self.encoder = _stack(config)
-        self.to_latent = nn.Linear(d, config.latent_dim)
+        if config.encoder == "weights":
+            # 1. encoder: chunk -> d, plus a learned embedding of the neuron's place (layer, index)
+            self.encoder_in = nn.Linear(w, d)
+            self.encoder_position = nn.Parameter(torch.randn(t, d) * 0.02)
+            self.encoder = _stack(config)
+            self.to_latent = nn.Linear(d, config.latent_dim)
+        else:
+            # 1. encoder: the field's outputs on a lattice -> CNN -> latents (the lattice is not saved: it is the
+            # config's)
+            self.register_buffer("lattice", _encoder_lattice(self.spec.in_dim, config.encoder_resolution),
+                                 persistent=False)
+            self.field_encoder = _field_cnn(self.spec.in_dim, self.spec.out_dim, config.encoder_resolution,
+                                            t * config.latent_dim)
         # 2. decoder: latent -> d, the same kind of place embedding, back to a chunk
         self.decoder_in = nn.Linear(config.latent_dim, d)
         self.decoder_position = nn.Parameter(torch.randn(t, d) * 0.02)
@@ -149,6 +207,13 @@ class NefAutoencoder(nn.Module):
 
     def encode(self, weights: torch.Tensor) -> torch.Tensor:
         """``(b, p)`` weights -> ``(b, t, latent_dim)`` latents."""
+        if self.config.encoder == "function":
+            outputs = siren_forward(self.spec, weights.float(), self.lattice)  # (b, n, out_dim)
+            if self.config.function_loss == "kl":  # occupancy logits -> probabilities, centred
+                outputs = torch.sigmoid(outputs) - 0.5
+            r = self.config.encoder_resolution
+            volume = outputs.transpose(1, 2).reshape(len(weights), self.spec.out_dim, *([r] * self.spec.in_dim))
+            return self.field_encoder(volume).view(len(weights), self.num_tokens, self.config.latent_dim)
         hidden = self.encoder_in(self.chunks(weights)) + self.encoder_position  # (b, t, d)
         return self.to_latent(self.encoder(hidden))
 
