@@ -289,6 +289,16 @@ def test_function_encoder_reads_the_field_not_its_weights(spec):
         assert not torch.allclose(reads_weights.encode(permuted), reads_weights.encode(weights), atol=1e-3)
         # other fields: other latents
         assert not torch.allclose(reads_field.encode(weights.roll(1, 0)), latents, atol=1e-3)
+    if spec.in_dim == 3:  # the CNN sees the occupancy volume the renderer computes, laid out as a volume
+        from nef_transformers.fields.render import occupancy_grid
+
+        seen = []
+        hook = reads_field.field_encoder[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        with torch.no_grad():
+            reads_field.encode(weights)
+        hook.remove()
+        expected = torch.sigmoid(occupancy_grid(spec, weights, resolution=16)) - 0.5
+        assert torch.allclose(seen[0], expected.unsqueeze(1), atol=1e-6)
 
 
 def test_function_encoder_trains_saves_and_reloads(tmp_path):
