@@ -16,7 +16,7 @@ whatever their weights, and hidden-unit permutations change nothing. On the 711 
 held-out chairs at occupancy IoU 0.544 where the neuron encoder reaches 0.330 (training chairs 0.725 / 0.706;
 benchmarks/RESULTS.md, session 15): the neuron encoder memorises its 711 fields, the function encoder generalises.
 At the same sampling temperature its codes gave samples nearer real chairs but less varied (NefGPT's 1-NNA 74.2 %
-against 70.1 % at T 1.0); drawn wider (T 1.6) they reach 1-NNA 69.4 % and COV 50.2 % over ten draws, at the
+against 70.1 % at T 1.0); drawn wider (T 1.6) they reach 1-NNA 70.0 % and COV 50.2 % over fifteen draws, on the
 issue's line. The neuron encoder stays the default: the function encoder was not benchmarked on images.
 
 Axis legend: ``b`` fields, ``p`` flat parameters, ``t`` neurons (tokens), ``w`` chunk width, ``d`` features,
