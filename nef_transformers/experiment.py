@@ -141,7 +141,8 @@ class RunConfig:
             tokenization = {**{f"autoencoder_{k}": v for k, v in tokenization.items()}, **self.code_config().__dict__}
         model = {"hidden_size": self.hidden_size, "num_hidden_layers": self.num_hidden_layers,
                  "num_attention_heads": self.num_attention_heads, "hidden_dropout": self.dropout}
-        if strategy != "vq":
+        if strategy != "vq":  # the regression head's mixture
+            model["num_mixtures"] = self.num_mixtures
             model["mixture_covariance"] = self.mixture_covariance
         return {"tokenization": tokenization, "model": model}
 

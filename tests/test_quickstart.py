@@ -260,6 +260,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**{**same, "hidden_size": 32}), device="cpu", progress=False).train()
     with pytest.raises(RunMismatchError, match="hidden_dropout: 0.0 there, 0.1 asked"):
         Run(out, RunConfig(**same, dropout=0.1), device="cpu", progress=False).train()
+    with pytest.raises(RunMismatchError, match="num_mixtures: 8 there, 64 asked"):  # a head of another size
+        Run(out, RunConfig(**same, num_mixtures=64), device="cpu", progress=False).train()
     with pytest.raises(RunMismatchError, match="chunk_noise: 0.0 there, 0.3 asked"):
         Run(out, RunConfig(**same, chunk_noise=0.3), device="cpu", progress=False).train()
     with pytest.raises(RunMismatchError, match="latent_noise: 0.0 there, 0.3 asked"):
