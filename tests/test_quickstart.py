@@ -201,6 +201,21 @@ def test_seed_means_average_each_setting_over_its_draws():
     assert seed_means(rows[:1] + rows[-1:]) == []
 
 
+
+def test_samples_figure_shows_the_best_setting_by_its_mean_and_its_first_draw():
+    from nef_transformers.experiment import figure_row
+
+    def row(temperature, seed, one_nna):
+        return {"strategy": "code", "top_k": 8, "temperature": temperature, "seed": seed, "one_nna": one_nna}
+
+    # T 1.0 holds the best single draw (0.60) but the worse mean (0.70); T 1.3's mean is 0.69
+    rows = [row(1.0, 0, 0.80), row(1.0, 1, 0.60), row(1.3, 5, 0.72), row(1.3, 6, 0.66),
+            row(1.6, 0, None)]  # a draw that rendered nothing: no 1-NNA, left out
+    assert figure_row(rows) == row(1.3, 5, 0.72), "T 1.3 by its first draw, not its best one"
+    assert figure_row(rows[::-1])["seed"] == 6, "the first draw as the rows list them"
+    assert figure_row([row(1.0, 0, 0.75), row(1.3, 0, 0.70)]) == row(1.3, 0, 0.70), "single draws: the best one"
+    assert figure_row(rows[-1:]) is None and figure_row([]) is None
+
 def _read_metrics(out):
     return json.loads((out / "metrics.json").read_text())
 
