@@ -497,8 +497,10 @@ BASE_CARD_TAGS = ("nef_transformers", "nef_gpt", "neural-fields", "weight-space"
 # Rows of a metrics file that are not a trained generator (`nef_transformers.experiment.Run`): the training fields
 # themselves (the ceiling), training weights plus noise, a Gaussian in weight space, the training fields through the
 # learned strategy's autoencoder (its ceiling), a Gaussian over that autoencoder's latents and training fields with
-# noise on those latents.
-BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian", "autoencoder-train", "gaussian-latent", "noisy-latent")
+# noise on those latents; for the code strategy, the training fields through its VAE's codes (its ceiling), codes
+# from the VAE's N(0, I) and a mixture of Gaussians over the codes; and benchmarks/code_prior.py's own VAE prior.
+BASELINE_ROWS = ("oracle-train", "noisy-train", "gaussian", "autoencoder-train", "gaussian-latent", "noisy-latent",
+                 "code-train", "gaussian-code", "mixture-code", "vae-code-prior")
 ORACLE_ROW = "oracle-train"
 # (key in a metrics row, model-index type, model-index name, format in the card's table)
 CARD_METRICS = (
@@ -531,8 +533,11 @@ def load_card_metrics(path: str | Path) -> dict:
     """The measurements a model card reports, from ``--card_metrics``: the ``metrics.json`` of
     ``nef-transformers quickstart`` or the ``generation_quality.json`` of ``benchmarks/generation_quality.py``.
 
-    The reported row is the first whose strategy is not a baseline (`BASELINE_ROWS`); the ``oracle-train`` row,
-    when present, is shown beside it. Both must hold `REQUIRED_ROW_KEYS`; a missing file or key is a clear error.
+    The reported row is the first whose strategy is not a baseline (`BASELINE_ROWS`), or, when the file also holds
+    the mean over that setting's draws (a row with ``seeds``, as `experiment.seed_means` writes with several
+    ``--sample-seeds``), that mean: one draw of a few hundred samples is not the model's number. The
+    ``oracle-train`` row, when present, is shown beside it. Both must hold `REQUIRED_ROW_KEYS`; a missing file or
+    key is a clear error.
 
     Returns:
         ``{"file", "generator", "oracle", "model", "source"}``: the file's path, the two rows (``oracle`` may be
@@ -560,11 +565,15 @@ def load_card_metrics(path: str | Path) -> dict:
     if not chosen:
         raise ValueError(f"{where}: every row is an oracle or baseline ({[row['strategy'] for row in rows]}); "
                          "there is no generator row to report")
+    first = rows[chosen[0]]
+    setting = [first.get(key) for key in ("strategy", "top_k", "temperature")]
+    reported = next((i for i in chosen if rows[i].get("seeds")
+                     and [rows[i].get(key) for key in ("strategy", "top_k", "temperature")] == setting), chosen[0])
     oracle = next((i for i, row in enumerate(rows) if row["strategy"] == ORACLE_ROW), None)
-    for index in (chosen[0], oracle):
+    for index in (reported, oracle):
         if index is not None:
             _check_metrics_row(rows[index], index, where)
-    return {"file": str(path), "generator": rows[chosen[0]], "oracle": None if oracle is None else rows[oracle],
+    return {"file": str(path), "generator": rows[reported], "oracle": None if oracle is None else rows[oracle],
             "model": payload.get("model"), "source": payload.get("source")}
 
 
@@ -602,12 +611,16 @@ def card_evaluation(metrics: dict, folder: Path) -> dict:
 
     def display(row: dict, name: str) -> dict:
         cells = {key: "–" if row[key] is None else fmt.format(row[key]) for key, _, _, fmt in CARD_METRICS}
+        if row.get("one_nna") is not None and row.get("one_nna_se") is not None:  # a mean over draws
+            cells["one_nna"] += f" ± {row['one_nna_se']:.1%}"
         ratio = row.get("memorisation_ratio")
         cells["memorisation_ratio"] = "–" if ratio is None else f"{ratio:.2f}"
         return {"name": name, "invalid": f"{row['invalid']}/{row['num_samples']}", **cells}
 
+    draws = len(generator.get("seeds") or ())
     settings = [f"top-k {generator['top_k']}" if generator.get("top_k") is not None else None,
-                f"temperature {generator['temperature']:g}" if generator.get("temperature") is not None else None]
+                f"temperature {generator['temperature']:g}" if generator.get("temperature") is not None else None,
+                f"mean of {draws} draws" if draws else None]
     label = generator["strategy"] + (f" ({', '.join(s for s in settings if s)})" if any(settings) else "")
     rows = [display(generator, label)]
     if metrics["oracle"] is not None:
@@ -615,7 +628,7 @@ def card_evaluation(metrics: dict, folder: Path) -> dict:
     return {"file": Path(metrics["file"]).name, "checkpoint": provenance,
             "evaluated_model": metrics["model"], "source": metrics["source"], "strategy": generator["strategy"],
             "top_k": generator.get("top_k"), "temperature": generator.get("temperature"),
-            "num_samples": generator["num_samples"], "invalid": generator["invalid"], "rows": rows}
+            "num_samples": generator["num_samples"], "invalid": generator["invalid"], "draws": draws, "rows": rows}
 
 
 def card_eval_results(metrics: dict, task_type: str, dataset_type: str) -> list:
@@ -626,6 +639,8 @@ def card_eval_results(metrics: dict, task_type: str, dataset_type: str) -> list:
     generator = metrics["generator"]
     sampling = {key: generator[key] for key in ("top_k", "temperature", "num_samples")
                 if generator.get(key) is not None}
+    if generator.get("seeds"):  # a mean over draws: num_samples counts all of them
+        sampling["draws"] = len(generator["seeds"])
     dataset_name = f"{metrics['source'] or dataset_type} (held-out items)"
     return [EvalResult(task_type=task_type, task_name="Unconditional neural-field generation",
                        dataset_type=dataset_type, dataset_name=dataset_name, dataset_split="held-out",

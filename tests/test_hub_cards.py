@@ -142,6 +142,36 @@ def test_card_reports_the_generator_after_the_benchmarks_baseline_rows(tmp_path)
     assert reported == {METRIC_TYPES[key]: GENERATOR[key] for key in METRIC_TYPES}
 
 
+
+def test_card_reports_the_code_strategys_generator_not_its_ceiling_or_priors(tmp_path):
+    # the code strategy's rows: its VAE's ceiling, N(0, I) codes and the mixture over the codes come before NefGPT's
+    rows = [ORACLE, {**ORACLE, "strategy": "autoencoder-train", "one_nna": 0.58},
+            {**ORACLE, "strategy": "code-train", "one_nna": 0.61}, {**ORACLE, "strategy": "gaussian-code", "one_nna": 0.79},
+            {**ORACLE, "strategy": "mixture-code", "one_nna": 0.70, "seed": 0}, {**GENERATOR, "strategy": "code"}]
+    metrics = load_card_metrics(write_metrics(tmp_path / "metrics.json", rows))
+    assert metrics["generator"] == rows[-1] and metrics["oracle"] == ORACLE
+
+
+def test_card_reports_the_mean_over_draws_when_the_file_has_one(tmp_path):
+    from nef_transformers.experiment import seed_means
+
+    draws = [{**GENERATOR, "seed": 0, "one_nna": 0.70, "one_nna_references": 0.8},
+             {**GENERATOR, "seed": 1, "one_nna": 0.66, "one_nna_references": 0.8},
+             {**GENERATOR, "temperature": 1.3, "seed": 0, "one_nna_references": 0.8},
+             {**GENERATOR, "temperature": 1.3, "seed": 1, "one_nna_references": 0.8}]
+    rows = [ORACLE, *draws, *seed_means(draws)]
+    card = render("mnist-vq.md", tmp_path / "model", same_checkpoint_metrics(tmp_path, rows))
+    index = {result.metric_type: result for result in ModelCard(card.content).data.eval_results}
+    assert index["1-nna"].metric_value == pytest.approx(0.68), "the mean of the first setting's draws, not a draw"
+    assert index["1-nna"].metric_args == {"top_k": 5, "temperature": 1.0, "num_samples": 80, "draws": 2}
+    results = section(card.content, "Evaluation results")
+    assert "| nef_gpt-vq (top-k 5, temperature 1, mean of 2 draws) | 4/80 |" in results
+    assert "| 68.0% ± 2.0% |" in results  # the draws 0.70 and 0.66: sd 0.028, standard error 0.02
+    assert "80 sampled fields in 2 draws (the metrics are the draws' means" in flat(results)
+    # without the mean rows: the first draw, labelled as one
+    single = load_card_metrics(write_metrics(tmp_path / "draws.json", [ORACLE, *draws]))
+    assert single["generator"] == draws[0]
+
 def test_metrics_that_were_not_measured_stay_out_of_the_model_index(tmp_path):
     rows = [{**GENERATOR, "fd": None, "memorisation_ratio": None}]
     card = render("mnist-vq.md", tmp_path / "model", same_checkpoint_metrics(tmp_path, rows))
