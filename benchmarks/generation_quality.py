@@ -53,7 +53,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 QUICK = dict(num_items=500, epochs=20, vq_steps=150)
 
 
-def main(argv=None) -> list[dict]:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's options (also read by `benchmarks/tune_decoder.py`, which works on this script's folders)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="mnist")
     parser.add_argument("--out", default=None, help="work folder (default runs/generation_quality_<source>[_quick])")
@@ -127,6 +128,31 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
+    return parser
+
+
+def run_config(args):
+    """The `RunConfig` of parsed options (the cached stages of a folder are reused only under the same ones)."""
+    from nef_transformers.experiment import RunConfig
+
+    return RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
+                     num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
+                     num_mixtures=args.num_mixtures, mixture_covariance=args.mixture_covariance,
+                     dropout=args.dropout, chunk_noise=args.chunk_noise,
+                     batch_size=args.batch_size, learning_rate=args.lr,
+                     num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
+                     autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
+                     autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
+                     autoencoder_latent_noise=args.ae_latent_noise, autoencoder_encoder=args.ae_encoder,
+                     code_dim=args.code_dim,
+                     code_chunk_width=args.code_chunk_width, code_sigma2=args.code_sigma2,
+                     code_steps=args.code_steps, code_draws=args.code_draws,
+                     code_drop_inactive=args.code_drop_inactive,
+                     keep_best_model=args.keep_best, eval_steps=args.eval_steps)
+
+
+def main(argv=None) -> list[dict]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     args.skip_baselines = args.skip_baselines or args.samples_only
     if args.code_mixture < 0:
@@ -137,27 +163,13 @@ def main(argv=None) -> list[dict]:
 
     import torch
 
-    from nef_transformers.experiment import (Run, RunConfig, figure_row, metrics_table, save_samples_figure,
-                                             seed_means)
+    from nef_transformers.experiment import Run, figure_row, metrics_table, save_samples_figure, seed_means
 
     if args.threads:
         torch.set_num_threads(args.threads)
     name = Path(str(args.source)).stem
     out = Path(args.out or f"runs/generation_quality_{name}{'_quick' if args.quick else ''}")
-    config = RunConfig(source=args.source, num_items=args.num_items, hidden_size=args.hidden_size,
-                       num_hidden_layers=args.num_layers, num_attention_heads=args.heads,
-                       num_mixtures=args.num_mixtures, mixture_covariance=args.mixture_covariance,
-                       dropout=args.dropout, chunk_noise=args.chunk_noise,
-                       batch_size=args.batch_size, learning_rate=args.lr,
-                       num_train_epochs=args.epochs, autoencoder_epochs=args.ae_epochs,
-                       autoencoder_hidden_size=args.ae_hidden_size, autoencoder_layers=args.ae_layers,
-                       autoencoder_latent_dim=args.ae_latent_dim, autoencoder_batch_size=args.ae_batch_size,
-                       autoencoder_latent_noise=args.ae_latent_noise, autoencoder_encoder=args.ae_encoder,
-                       code_dim=args.code_dim,
-                       code_chunk_width=args.code_chunk_width, code_sigma2=args.code_sigma2,
-                       code_steps=args.code_steps, code_draws=args.code_draws,
-                       code_drop_inactive=args.code_drop_inactive,
-                       keep_best_model=args.keep_best, eval_steps=args.eval_steps)
+    config = run_config(args)
     run = Run(out, config, device=args.device)
     train_idx, test_idx = run.split()
     started = time.perf_counter()

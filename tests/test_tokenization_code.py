@@ -245,3 +245,89 @@ def test_training_holds_out_whole_fields_when_rows_repeat(tmp_path):
         .save_to_disk(str(tmp_path / "means"))
     train, validation = load_splits(str(tmp_path / "means"), 0.1, seed=0)
     assert len(validation) == 2 and len(train) == 18
+
+
+def test_tuning_to_the_prior_leaves_the_codes_and_lowers_the_cycle_error(trained):
+    import copy
+
+    from nef_transformers.data.images import image_grid
+    from nef_transformers.tokenization.code import ACTIVE_SPREAD, cycle_error, tune_decoder_to_prior
+
+    model, _, weights = trained
+    generator = torch.Generator().manual_seed(3)
+    prior = torch.randn(300, model.num_tokens, model.chunk_width, generator=generator)  # codes a prior drew
+    pool, probe = prior[:200], prior[200:]
+    coords = image_grid(6, 6)
+    with torch.no_grad():
+        means = posterior_draws(model, weights, 0).flatten(1)
+    active = means.std(0) > ACTIVE_SPREAD
+    assert active.any()
+
+    def tuned(cycle_weight):
+        copied = copy.deepcopy(model)
+        history = tune_decoder_to_prior(copied, weights, pool, coords, epochs=30, cycle_weight=cycle_weight, lr=1e-2,
+                                        batch_size=8, seed=0, progress=False)
+        return copied, history
+
+    with torch.no_grad():
+        before = float(cycle_error(model, probe, active))
+    cycled, history = tuned(1.0)
+    plain, _ = tuned(0.0)
+    with torch.no_grad():
+        after, without = float(cycle_error(cycled, probe, active)), float(cycle_error(plain, probe, active))
+        # the encoders did not move: the training fields' codes (what a prior was trained on) are the same
+        assert torch.equal(cycled.encode(weights), model.encode(weights))
+    assert history["active_dims"] == int(active.sum()) and len(history["cycle"]) == 30
+    assert after < 0.7 * before and after < 0.7 * without, (before, after, without)
+    decoders = [name for name, _ in cycled.named_parameters() if name.startswith(("decoder", "autoencoder.decoder"))]
+    changed = {name for name, p in cycled.named_parameters() if not torch.equal(p, dict(model.named_parameters())[name])}
+    assert changed == set(decoders), "exactly the decoders were tuned"
+    assert [p.requires_grad for p in cycled.parameters()] == [p.requires_grad for p in model.parameters()], \
+        "the grad flags are given back"
+
+
+def test_tuning_to_the_prior_refuses_bad_settings(trained):
+    from nef_transformers.data.images import image_grid
+    from nef_transformers.tokenization.code import tune_decoder_to_prior
+
+    model, _, weights = trained
+    codes, coords = torch.zeros(4, model.num_tokens, model.chunk_width), image_grid(6, 6)
+    with pytest.raises(ValueError, match="do not fit this NefCodeVAE"):
+        tune_decoder_to_prior(model, weights, torch.zeros(4, 3), coords, progress=False)
+    with pytest.raises(ValueError, match="cycle_weight >= 0"):
+        tune_decoder_to_prior(model, weights, codes, coords, cycle_weight=-1.0, progress=False)
+    with pytest.raises(ValueError, match=r"coords must be \(n, 2\)"):
+        tune_decoder_to_prior(model, weights, codes, torch.zeros(5, 3), progress=False)
+    with pytest.raises(ValueError, match=r"points_per_step must be in \[1, 36\]"):
+        tune_decoder_to_prior(model, weights, codes, coords, points_per_step=100, progress=False)
+    with pytest.raises(ValueError):
+        tune_decoder_to_prior(model, weights[:, :-1], codes, coords, progress=False)
+
+
+def test_tuned_decoders_save_and_serve_the_pipeline(trained, tmp_path):
+    import copy
+
+    from transformers import pipeline
+
+    from nef_transformers.data.images import image_grid
+    from nef_transformers.models.nef_gpt import NefGPTConfig, NefGPTForWeightRegression
+    from nef_transformers.pipelines.neural_field_generation import TASK
+    from nef_transformers.tokenization.code import tune_decoder_to_prior
+
+    model, _, weights = trained
+    tuned = copy.deepcopy(model)
+    prior = torch.randn(50, model.num_tokens, model.chunk_width, generator=torch.Generator().manual_seed(4))
+    tune_decoder_to_prior(tuned, weights, prior, image_grid(6, 6), epochs=2, lr=1e-2, batch_size=8, progress=False)
+    tuned.save_pretrained(tmp_path / "tuned")
+    reloaded = NefCodeVAE.from_pretrained(tmp_path / "tuned")
+    config = NefGPTConfig(chunk_dim=2, max_position_embeddings=4, hidden_size=16, num_hidden_layers=1,
+                          num_attention_heads=2, num_mixtures=2, field_spec=SPEC.to_dict(), field_source=SOURCE)
+    gpt = NefGPTForWeightRegression(config).eval()
+    with torch.no_grad():
+        codes = gpt.sample(3, seed=2)
+        assert torch.equal(reloaded.decode(codes), tuned.decode(codes))  # the file holds the tuned decoders
+        assert not torch.allclose(reloaded.decode(codes), model.decode(codes))
+    # NefGPT's samples through the tuned decoders: the same model, another tokenizer folder
+    sampled = pipeline(TASK, model=gpt, tokenizer=reloaded)(num_samples=3, seed=2, output_type="weights")
+    with torch.no_grad():
+        assert torch.equal(torch.stack([s["weights"] for s in sampled]), reloaded.decode(codes))

@@ -382,5 +382,108 @@ def posterior_draws(model: NefCodeVAE, weights: torch.Tensor, draws: int, seed: 
     return codes.view(len(codes), model.num_tokens, model.chunk_width)
 
 
-__all__ = ["NefCodeConfig", "NefCodeVAE", "decoder_metric", "posterior_draws", "shape_weighted_frame",
-           "train_code_vae"]
+def decoder_parameters(model: NefCodeVAE) -> list[nn.Parameter]:
+    """The parameters that map codes to weights: the VAE's decoder MLP and its autoencoder's decoder (not the
+    encoders, whose outputs are the codes a prior was trained on)."""
+    autoencoder = model.autoencoder
+    return [*model.decoder.parameters(), autoencoder.decoder_position, *autoencoder.decoder_in.parameters(),
+            *autoencoder.decoder.parameters(), *autoencoder.decoder_out.parameters()]
+
+
+def cycle_error(model: NefCodeVAE, codes: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference, over the ``active`` code dimensions (a bool mask over the code's numbers), between
+    ``codes (b, t, w)`` and the posterior means of the fields they decode to: 0 when the decoder draws, for each
+    code, a field the encoders map back to it; large when it draws alike fields for unlike codes."""
+    codes = model.check_codes(codes)
+    mean, _ = model.posterior(model.to_coordinates(model.autoencoder.encode(model.decode(codes))))
+    return ((mean[:, :model.code_length] - codes.flatten(1)) ** 2)[:, active].mean()
+
+
+def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes: torch.Tensor, coords: torch.Tensor,
+                          epochs: int = 20, cycle_weight: float = 0.1, lr: float = 1e-4, batch_size: int = 16,
+                          points_per_step: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Fine-tune ``model``'s decoders (in place; `decoder_parameters`) for the codes a prior draws, not only for the
+    training fields' own (RESULTS.md, session 16). Decoders trained only on the training fields' posteriors draw
+    alike, average fields for the new codes a prior samples between them, so its samples bunch.
+
+    Each step adds two terms:
+    - reconstruction: a batch of ``weights (b, p)`` (the training fields) drawn from their posteriors and decoded,
+      compared with the fields themselves on ``coords (n, in_dim)`` (or ``points_per_step`` of them, drawn afresh)
+      by the autoencoder's function loss (occupancy KL or MSE), as the decoders were trained;
+    - cycle: ``cycle_weight`` × `cycle_error` of a batch of ``prior_codes (m, t, w)`` (codes a prior drew, e.g.
+      NefGPT's samples) over the code dimensions in use (the training fields' posterior means spread with std >
+      `ACTIVE_SPREAD`): each prior code must decode to a field the fixed encoders map back to it.
+
+    The encoders do not change, so the training fields' codes, and a prior trained on them, stay valid.
+    Returns ``{"reconstruction": [...], "cycle": [...]}`` (each epoch's mean terms) and ``"active_dims"``.
+    """
+    from tqdm.auto import tqdm
+
+    from ..fields.siren import siren_forward
+    from .learned import occupancy_kl
+
+    model.spec.check_weights(weights)
+    prior_codes = model.check_codes(prior_codes).float()
+    if epochs < 1 or batch_size < 1 or not lr > 0 or not cycle_weight >= 0:
+        raise ValueError(f"epochs >= 1, batch_size >= 1, lr > 0 and cycle_weight >= 0 are needed, got {epochs}, "
+                         f"{batch_size}, {lr}, {cycle_weight}")
+    if coords.ndim != 2 or coords.shape[1] != model.spec.in_dim:
+        raise ValueError(f"coords must be (n, {model.spec.in_dim}) points of the fields' domain, got "
+                         f"{tuple(coords.shape)}")
+    if points_per_step is not None and not 1 <= points_per_step <= len(coords):
+        raise ValueError(f"points_per_step must be in [1, {len(coords)}] (the coordinate pool), got {points_per_step}")
+    weights, coords = weights.float(), coords.float()
+    model.eval()  # no dropout anywhere; the encoders stay fixed
+    with torch.no_grad():
+        y = torch.cat([model.to_coordinates(model.autoencoder.encode(part)) for part in weights.split(256)])
+        mean, log_var = model.posterior(y)
+    std = (0.5 * log_var).exp()
+    active = mean[:, :model.code_length].std(0) > ACTIVE_SPREAD
+    if not active.any():
+        raise ValueError("no code dimension is in use (the training fields' codes do not spread): nothing to tune")
+    kl = model.autoencoder.config.function_loss == "kl"
+    parameters = decoder_parameters(model)
+    states = [(p, p.requires_grad) for p in model.parameters()]  # given back afterwards
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in parameters))
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    history = {"reconstruction": [], "cycle": [], "active_dims": int(active.sum())}
+    steps_per_epoch = -(-len(weights) // batch_size)
+    bar = tqdm(total=epochs * steps_per_epoch, desc="tuning the decoders to the prior", disable=not progress)
+    try:
+        for _ in range(epochs):
+            order = torch.randperm(len(weights), generator=generator)
+            sums = [0.0, 0.0]
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                code = mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)
+                points = coords if points_per_step is None else \
+                    coords[torch.randperm(len(coords), generator=generator)[:points_per_step]]
+                with torch.no_grad():
+                    target = siren_forward(model.spec, weights[rows], points)
+                output = siren_forward(model.spec, model.decode(code[:, :model.code_length]), points)
+                reconstruction = occupancy_kl(output, target) if kl else ((output - target) ** 2).mean()
+                drawn = prior_codes[torch.randint(len(prior_codes), (len(rows),), generator=generator)]
+                cycle = cycle_error(model, drawn, active) if cycle_weight > 0 else reconstruction.new_zeros(())
+                loss = reconstruction + cycle_weight * cycle
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+                optimizer.step()
+                sums[0] += float(reconstruction.detach()) * len(rows)
+                sums[1] += float(cycle.detach()) * len(rows)
+                bar.update(1)
+            history["reconstruction"].append(sums[0] / len(order))
+            history["cycle"].append(sums[1] / len(order))
+            bar.set_postfix(reconstruction=f"{history['reconstruction'][-1]:.3g}", cycle=f"{history['cycle'][-1]:.3g}")
+    finally:
+        bar.close()
+        for p, state in states:
+            p.requires_grad_(state)
+    model.eval()
+    return history
+
+
+__all__ = ["NefCodeConfig", "NefCodeVAE", "cycle_error", "decoder_metric", "decoder_parameters", "posterior_draws",
+           "shape_weighted_frame", "train_code_vae", "tune_decoder_to_prior"]
