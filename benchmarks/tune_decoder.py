@@ -70,6 +70,9 @@ def main(argv=None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     gq = _generation_quality()
+    if args.quick:  # the folder of a --quick run: its sizes
+        args.num_items = args.num_items or gq.QUICK["num_items"]
+        args.epochs = gq.QUICK["epochs"]
     config = gq.run_config(args)
     config.strategy = "code"
     config.num_train_epochs = args.code_epochs or args.epochs
