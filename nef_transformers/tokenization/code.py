@@ -24,7 +24,7 @@ more, into one short code per field that NefGPT draws in a few chunks:
 
 After NefGPT is trained over the codes, `tune_decoder_to_prior` can fine-tune the decoders for the codes it draws
 (a cycle term through the fixed encoders; the codes stay valid). On the chairs it made the samples bunch less (COV
-48.8 % → 53.2 %) and moved 1-NNA by 1.0 ± 0.8 points, within noise (RESULTS.md, session 16).
+48.8 % → 53.7 %) and moved 1-NNA by 0.7 ± 0.7 points, within noise (RESULTS.md, session 16).
 
 `NefCodeVAE.encode` maps weights to ``(b, t, w)`` codes (the posterior means, cut into ``t`` chunks of ``w``),
 `NefCodeVAE.decode` maps codes back to weights. On the 711 training chairs (RESULTS.md, "Chairs, session 9"), a
