@@ -1,8 +1,9 @@
 """Tune the code strategy's decoders to NefGPT's prior, then score NefGPT's draws through them.
 
-    python benchmarks/tune_decoder.py --source ../shared/data/shapes/modelnet10_chair_32.npz --out /tmp/gq_chairs_fn64 \\
-        --strategies code --ae-encoder function --ae-epochs 160 --ae-batch-size 8 --epochs 60 --code-epochs 20 \\
-        --keep-best --eval-steps 25 --mixture-covariance full --num-mixtures 64 --code-chunk-width 32 \\
+    python benchmarks/tune_decoder.py --source ../shared/data/shapes/modelnet10_chair_32.npz \\
+        --out /tmp/gq_chairs_fn64 --strategies code --ae-encoder function --ae-epochs 160 --ae-batch-size 8 \\
+        --epochs 60 --code-epochs 20 --keep-best --eval-steps 25 --mixture-covariance full --num-mixtures 64 \\
+        --code-chunk-width 32 \\
         --top-k 64 --temperature 1.3 --sample-seeds 0 1 2 3 4 --baseline --threads 2
 
 The experiment behind RESULTS.md, session 16. It works on the folder of a `generation_quality.py` run of the code

@@ -142,11 +142,11 @@ def test_card_reports_the_generator_after_the_benchmarks_baseline_rows(tmp_path)
     assert reported == {METRIC_TYPES[key]: GENERATOR[key] for key in METRIC_TYPES}
 
 
-
 def test_card_reports_the_code_strategys_generator_not_its_ceiling_or_priors(tmp_path):
     # the code strategy's rows: its VAE's ceiling, N(0, I) codes and the mixture over the codes come before NefGPT's
     rows = [ORACLE, {**ORACLE, "strategy": "autoencoder-train", "one_nna": 0.58},
-            {**ORACLE, "strategy": "code-train", "one_nna": 0.61}, {**ORACLE, "strategy": "gaussian-code", "one_nna": 0.79},
+            {**ORACLE, "strategy": "code-train", "one_nna": 0.61},
+            {**ORACLE, "strategy": "gaussian-code", "one_nna": 0.79},
             {**ORACLE, "strategy": "mixture-code", "one_nna": 0.70, "seed": 0}, {**GENERATOR, "strategy": "code"}]
     metrics = load_card_metrics(write_metrics(tmp_path / "metrics.json", rows))
     assert metrics["generator"] == rows[-1] and metrics["oracle"] == ORACLE
@@ -171,6 +171,7 @@ def test_card_reports_the_mean_over_draws_when_the_file_has_one(tmp_path):
     # without the mean rows: the first draw, labelled as one
     single = load_card_metrics(write_metrics(tmp_path / "draws.json", [ORACLE, *draws]))
     assert single["generator"] == draws[0]
+
 
 def test_metrics_that_were_not_measured_stay_out_of_the_model_index(tmp_path):
     rows = [{**GENERATOR, "fd": None, "memorisation_ratio": None}]

@@ -201,7 +201,6 @@ def test_seed_means_average_each_setting_over_its_draws():
     assert seed_means(rows[:1] + rows[-1:]) == []
 
 
-
 def test_samples_figure_shows_the_best_setting_by_its_mean_and_its_first_draw():
     from nef_transformers.experiment import figure_row
 
@@ -215,6 +214,7 @@ def test_samples_figure_shows_the_best_setting_by_its_mean_and_its_first_draw():
     assert figure_row(rows[::-1])["seed"] == 6, "the first draw as the rows list them"
     assert figure_row([row(1.0, 0, 0.75), row(1.3, 0, 0.70)]) == row(1.3, 0, 0.70), "single draws: the best one"
     assert figure_row(rows[-1:]) is None and figure_row([]) is None
+
 
 def _read_metrics(out):
     return json.loads((out / "metrics.json").read_text())

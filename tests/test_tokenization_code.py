@@ -280,7 +280,8 @@ def test_tuning_to_the_prior_leaves_the_codes_and_lowers_the_cycle_error(trained
     assert history["active_dims"] == int(active.sum()) and len(history["cycle"]) == 30
     assert after < 0.7 * before and after < 0.7 * without, (before, after, without)
     decoders = [name for name, _ in cycled.named_parameters() if name.startswith(("decoder", "autoencoder.decoder"))]
-    changed = {name for name, p in cycled.named_parameters() if not torch.equal(p, dict(model.named_parameters())[name])}
+    original = dict(model.named_parameters())
+    changed = {name for name, p in cycled.named_parameters() if not torch.equal(p, original[name])}
     assert changed == set(decoders), "exactly the decoders were tuned"
     assert [p.requires_grad for p in cycled.parameters()] == [p.requires_grad for p in model.parameters()], \
         "the grad flags are given back"
@@ -327,7 +328,7 @@ def test_tuned_decoders_save_and_serve_the_pipeline(trained, tmp_path):
         codes = gpt.sample(3, seed=2)
         assert torch.equal(reloaded.decode(codes), tuned.decode(codes))  # the file holds the tuned decoders
         assert not torch.allclose(reloaded.decode(codes), model.decode(codes))
-    # NefGPT's samples through the tuned decoders: the same model, another tokenizer folder
+    # NefGPT's samples through the tuned decoders: the same model, the tuned VAE as its tokenizer
     sampled = pipeline(TASK, model=gpt, tokenizer=reloaded)(num_samples=3, seed=2, output_type="weights")
     with torch.no_grad():
         assert torch.equal(torch.stack([s["weights"] for s in sampled]), reloaded.decode(codes))
