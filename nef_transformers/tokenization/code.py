@@ -399,8 +399,7 @@ def cycle_error(model: NefCodeVAE, codes: torch.Tensor, active: torch.Tensor) ->
     ``codes (b, t, w)`` and the posterior means of the fields they decode to: 0 when the decoder draws, for each
     code, a field the encoders map back to it; large when it draws alike fields for unlike codes."""
     codes = model.check_codes(codes)
-    mean, _ = model.posterior(model.to_coordinates(model.autoencoder.encode(model.decode(codes))))
-    return ((mean[:, :model.code_length] - codes.flatten(1)) ** 2)[:, active].mean()
+    return ((model.encode(model.decode(codes)) - codes).flatten(1) ** 2)[:, active].mean()
 
 
 def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes: torch.Tensor, coords: torch.Tensor,
