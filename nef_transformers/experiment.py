@@ -90,9 +90,10 @@ class RunConfig:
     autoencoder_latent_dim: int = 4
     autoencoder_batch_size: int | None = None  # None: 16 for shapes, 64 for images (`train_tokenizer`)
     autoencoder_latent_noise: float = 0.0  # `NefAutoencoderConfig.latent_noise`
-    # what the autoencoder's encoder reads: "weights" (the neurons) or "function" (the field on a lattice, a CNN;
+    # what the autoencoder's encoder reads: "function" (the field on a lattice, a CNN; the default since it beat the
+    # neuron encoder on MNIST and in the quickstart, benchmarks/RESULTS.md session 17) or "weights" (the neurons;
     # `NefAutoencoderConfig.encoder`)
-    autoencoder_encoder: str = "weights"
+    autoencoder_encoder: str = "function"
     # code strategy: a VAE over the learned strategy's latents (`NefCodeConfig`); NefGPT models its codes
     code_dim: int = 32
     code_chunk_width: int = 4
@@ -217,8 +218,8 @@ def _check_cached(folder: Path, saved: dict, wanted: dict) -> None:
     differences = [f"{key}: {saved.get(key)!r} there, {value!r} asked" for key, value in wanted.items()
                    if saved.get(key) != value]
     if differences:
-        raise RunMismatchError(f"{folder} was made with other settings ({'; '.join(differences)}): delete it, pass "
-                               f"--fresh, or choose another --out")
+        raise RunMismatchError(f"{folder} was made with other settings ({'; '.join(differences)}): ask for the settings "
+                               f"it was made with, delete it, pass --fresh, or choose another --out")
 
 
 def subset_source(source, indices: Sequence[int]):

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 # T 0.8 beat 0.5 on MMD, COV and 1-NNA (with 16-wide ones it was the other way round; benchmarks/RESULTS.md).
 DEFAULT_TOP_K = 3
 DEFAULT_TEMPERATURE = 0.8
+ENCODER_CHOICES = ("weights", "function")  # nef_transformers.tokenization.learned.ENCODERS (a test keeps them equal)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="learned strategy: autoencoder width (default 64; 32 with --ae-layers 1 is ~1.5 min "
                              "faster and scores worse: benchmarks/RESULTS.md)")
     parser.add_argument("--ae-layers", type=_positive_int, default=2, help="learned strategy: autoencoder layers")
+    parser.add_argument("--ae-encoder", choices=ENCODER_CHOICES, default="function",
+                        help="learned / code strategies: what the autoencoder's encoder reads (default function: "
+                             "the field evaluated on a lattice, which generalises to held-out items and scores better "
+                             "here: benchmarks/RESULTS.md; weights: the per-neuron weights, the earlier default: pass "
+                             "it to resume a folder trained with it)")
     parser.add_argument("--hidden-size", type=_positive_int, default=128)
     parser.add_argument("--num-layers", type=_positive_int, default=4)
     parser.add_argument("--top-k", type=_positive_int, default=DEFAULT_TOP_K)
@@ -92,7 +98,7 @@ def run_quickstart(args) -> dict:
                        num_train_epochs=args.epochs or 1, max_train_steps=args.max_train_steps, seed=args.seed,
                        autoencoder_epochs=min(AUTOENCODER_EPOCHS, args.epochs or AUTOENCODER_EPOCHS),
                        autoencoder_latent_dim=args.latent_dim, autoencoder_hidden_size=args.ae_hidden_size,
-                       autoencoder_layers=args.ae_layers)
+                       autoencoder_layers=args.ae_layers, autoencoder_encoder=args.ae_encoder)
     run = Run(Path(args.out), config, device=device, fresh=args.fresh)
     if args.epochs is None:
         run.config.num_train_epochs = DEFAULT_EPOCHS.get(run.source.kind, 30)

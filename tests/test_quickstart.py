@@ -281,8 +281,9 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**same, chunk_noise=0.3), device="cpu", progress=False).train()
     with pytest.raises(RunMismatchError, match="latent_noise: 0.0 there, 0.3 asked"):
         Run(out, RunConfig(**same, autoencoder_latent_noise=0.3), device="cpu", progress=False).tokenize()
-    with pytest.raises(RunMismatchError, match="encoder: 'weights' there, 'function' asked"):
-        Run(out, RunConfig(**same, autoencoder_encoder="function"), device="cpu", progress=False).tokenize()
+    # the quickstart's autoencoder reads the fields (the default encoder); the neuron encoder is another stage
+    with pytest.raises(RunMismatchError, match="encoder: 'function' there, 'weights' asked"):
+        Run(out, RunConfig(**same, autoencoder_encoder="weights"), device="cpu", progress=False).tokenize()
     # the autoencoder ceiling row: the oracle's training fields through the autoencoder, scored like the others
     run = Run(out, RunConfig(**same), device="cpu", progress=False)
     row = run.autoencoder_row()
@@ -378,8 +379,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         Run(out, RunConfig(**code_settings, code_sigma2=0.5), device="cpu", progress=False).tokenize()
     with pytest.raises(RunMismatchError, match="autoencoder_hidden_size: 64 there, 96 asked"):
         Run(out, RunConfig(**{**code_settings, "autoencoder_hidden_size": 96}), device="cpu", progress=False).tokenize()
-    with pytest.raises(RunMismatchError, match="autoencoder_encoder: 'weights' there, 'function' asked"):
-        Run(out, RunConfig(**code_settings, autoencoder_encoder="function"), device="cpu", progress=False).tokenize()
+    with pytest.raises(RunMismatchError, match="autoencoder_encoder: 'function' there, 'weights' asked"):
+        Run(out, RunConfig(**code_settings, autoencoder_encoder="weights"), device="cpu", progress=False).tokenize()
     # NefGPT's mixture covariance is one of its settings; models saved before the option had diagonal ones
     with pytest.raises(RunMismatchError, match="mixture_covariance: 'diagonal' there, 'full' asked"):
         Run(out, RunConfig(**code_settings, mixture_covariance="full"), device="cpu", progress=False).train()
@@ -429,6 +430,26 @@ def test_run_config_refuses_bad_settings():
     for steps in (0, 2.5, True):
         with pytest.raises(ValueError, match=rf"eval_steps must be an int >= 1, got {steps}"):
             RunConfig(eval_steps=steps)
+
+
+def test_quickstart_and_tokenize_offer_every_encoder_and_default_to_the_function_encoder():
+    import argparse
+
+    from nef_transformers.experiment import RunConfig
+    from nef_transformers.quickstart import ENCODER_CHOICES, add_arguments
+    from nef_transformers.cli import build_parser
+    from nef_transformers.tokenization.learned import ENCODERS, NefAutoencoderConfig
+
+    assert ENCODER_CHOICES == ENCODERS
+    quickstart = add_arguments(argparse.ArgumentParser())
+    assert quickstart.parse_args([]).ae_encoder == RunConfig().autoencoder_encoder == "function"
+    assert quickstart.parse_args(["--ae-encoder", "weights"]).ae_encoder == "weights"
+    with pytest.raises(SystemExit):
+        quickstart.parse_args(["--ae-encoder", "cnn"])
+    assert build_parser().parse_args(["tokenize", "--nefs", "data", "--out", "x"]).encoder == "function"
+    # the config's own default stays the neuron encoder: autoencoder files written before the option load unchanged
+    spec = {"in_dim": 2, "out_dim": 1, "hidden_dim": 8, "num_layers": 2}
+    assert NefAutoencoderConfig(spec=spec).encoder == "weights"
 
 
 @pytest.mark.timeout(600)

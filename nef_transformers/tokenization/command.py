@@ -41,9 +41,9 @@ def add_tokenize_command(subparsers) -> None:
     parser.add_argument("--epochs", type=_positive_int, default=None,
                         help="vq: EMA epochs (default 1); learned, code: autoencoder epochs (default 30)")
     parser.add_argument("--latent-dim", type=_positive_int, default=4, help="learned, code: latent width per neuron")
-    parser.add_argument("--encoder", choices=("weights", "function"), default="weights",
-                        help="learned, code: what the autoencoder's encoder reads: the neurons' weights (default) or "
-                             "the field's outputs on a lattice (a CNN; generalises better to new fields)")
+    parser.add_argument("--encoder", choices=("weights", "function"), default="function",
+                        help="learned, code: what the autoencoder's encoder reads: the field's outputs on a lattice "
+                             "(default; a CNN, generalises better to new fields) or the neurons' weights")
     parser.add_argument("--code-dim", type=_positive_int, default=32, help="code: numbers per field's code")
     parser.add_argument("--code-chunk-width", type=_positive_int, default=4,
                         help="code: numbers per NefGPT position (must divide --code-dim)")
