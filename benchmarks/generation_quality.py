@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="learned strategy: training noise on the latents, in units of their std (NefAutoencoderConfig)")
     parser.add_argument("--ae-encoder", choices=("weights", "function"), default="weights",
                         help="learned strategy: what the autoencoder's encoder reads, the neurons' weights or the "
-                             "field on a lattice (a CNN; chairs: held-out reconstruction IoU 0.54 against 0.33)")
+                             "field on a lattice (a CNN; chairs: held-out reconstruction IoU 0.54 against 0.33). The "
+                             "default stays weights here so the commands in RESULTS.md reproduce; the quickstart's "
+                             "and RunConfig's default is function")
     parser.add_argument("--ae-batch-size", type=int, default=None,
                         help="learned strategy: autoencoder fields per step (default: 16 for shapes, 64 for images)")
     parser.add_argument("--code-mixture", type=int, default=8,

@@ -13,13 +13,16 @@ strategy, with that run's options (so its stages are reused; any missing are com
    seeds from 10,000 up (never an evaluation seed);
 2. a copy of the run's code VAE whose decoders are tuned to those codes and the training fields
    (`nef_transformers.tokenization.code.tune_decoder_to_prior`: the function-space reconstruction of the training
-   fields plus ``--cycle-weight`` × the cycle error of the prior codes; the encoders stay fixed, so NefGPT's codes stay
-   valid), saved under ``OUT/code/tuned_decoder`` (reused when there, with the same settings);
+   fields plus ``--cycle-weight`` × the cycle error of the prior codes, and with ``--mmd-weight`` a realism term, the
+   MMD between the prior codes' decoded fields and the training fields; the encoders stay fixed, so NefGPT's codes
+   stay valid), saved under ``OUT/code/tuned_decoder`` (``--tuned-name``; reused when there, with the same
+   settings);
 3. NefGPT's draws for ``--sample-seeds`` (the run's cached samples, or new ones), decoded through the tuned decoders
    and scored like the benchmark's rows (`Run.evaluate_weights`); with ``--baseline`` the same codes through the
    run's own decoders too (a paired comparison: the codes are the same, only the decoders differ).
 
-Prints the table (with each setting's mean over the draws), then one JSON line per row.
+Prints the table (with each setting's mean over the draws), then one JSON line per row, and writes the first draw's
+samples beside held-out items, per decoder, as ``OUT/code/<tuned name>/samples_<row>_seed<seed>.png``.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ def build_parser():
     parser.add_argument("--cycle-weight", type=float, default=0.1, help="the cycle term's weight")
     parser.add_argument("--tune-lr", type=float, default=1e-4)
     parser.add_argument("--tune-batch-size", type=int, default=16)
+    parser.add_argument("--mmd-weight", type=float, default=0.0,
+                        help="weight of the realism term: the MMD between the prior's decoded fields and the training "
+                             "fields (0: off)")
+    parser.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning's batches and posterior draws")
+    parser.add_argument("--tuned-name", default="tuned_decoder",
+                        help="folder under OUT/code for the tuned VAE (another name keeps several side by side)")
     parser.add_argument("--baseline", action="store_true",
                         help="also score the same codes through the run's own decoders (paired comparison)")
     return parser
@@ -63,7 +72,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     from nef_transformers.data.metadata import get_source_info, get_spec, weights_tensor
-    from nef_transformers.experiment import Run, metrics_table, seed_means
+    from nef_transformers.experiment import Run, metrics_table, save_samples_figure, seed_means
     from nef_transformers.pipelines.neural_field_generation import load_generation_folder
     from nef_transformers.tokenization.code import NefCodeVAE, tune_decoder_to_prior
     from nef_transformers.tokenization.train import SHAPE_AUTOENCODER_POINTS, SHAPE_AUTOENCODER_POOL, field_coords
@@ -83,8 +92,9 @@ def main(argv=None) -> list[dict]:
     top_k, temperature = args.top_k[0], args.temperature[0]
     settings = {"prior_codes": args.prior_codes, "top_k": top_k, "temperature": temperature,
                 "epochs": args.tune_epochs, "cycle_weight": args.cycle_weight, "lr": args.tune_lr,
-                "batch_size": args.tune_batch_size}
-    folder = run.strategy_dir("code") / "tuned_decoder"
+                "batch_size": args.tune_batch_size, **({"mmd_weight": args.mmd_weight} if args.mmd_weight else {}),
+                **({"seed": args.tune_seed} if args.tune_seed else {})}
+    folder = run.strategy_dir("code") / args.tuned_name
     saved = folder / "tune.json"
     started = time.perf_counter()
     if saved.is_file() and json.loads(saved.read_text(encoding="utf-8"))["settings"] == settings:
@@ -102,13 +112,15 @@ def main(argv=None) -> list[dict]:
         coords = field_coords(source, spec, num_points=SHAPE_AUTOENCODER_POOL if occupancy else 4096)
         history = tune_decoder_to_prior(tuned, weights_tensor(fields).float(), prior, coords, epochs=args.tune_epochs,
                                         cycle_weight=args.cycle_weight, lr=args.tune_lr,
-                                        batch_size=args.tune_batch_size,
+                                        batch_size=args.tune_batch_size, mmd_weight=args.mmd_weight,
+                                        seed=args.tune_seed,
                                         points_per_step=SHAPE_AUTOENCODER_POINTS if occupancy else None)
         tuned.save_pretrained(folder)
         saved.write_text(json.dumps({"settings": settings, "history": history}, indent=2), encoding="utf-8")
     tuned = tuned.to(run.device).eval()
-    decoders = {"code-tuned": tuned, **({"code": run.code_vae()} if args.baseline else {})}
-    rows = []
+    name = "code-tuned" if args.tuned_name == "tuned_decoder" else f"code-{args.tuned_name}"
+    decoders = {name: tuned, **({"code": run.code_vae()} if args.baseline else {})}
+    rows, pictures = [], []
     for seed in args.sample_seeds:
         _, sequences = run.sample("code", top_k=top_k, temperature=temperature, seed=seed, return_sequences=True)
         for name, vae in decoders.items():
@@ -117,6 +129,10 @@ def main(argv=None) -> list[dict]:
                 weights = vae.autoencoder.decode(latents).float().cpu()
             rows.append(run.evaluate_weights(weights, name, {"top_k": top_k, "temperature": temperature,
                                                              "seed": seed}, latents=latents.cpu()))
+            if seed == args.sample_seeds[0]:  # the first draw's samples beside held-out items, per decoder
+                pictures.append(save_samples_figure(run, weights, folder / f"samples_{name}_seed{seed}.png",
+                                                    title=f"{name}: NefGPT's codes (top-k {top_k}, T {temperature:g}, "
+                                                          f"seed {seed}) through {name}'s decoders"))
     rows += seed_means(rows)
     print(metrics_table(rows), flush=True)
     for row in rows:
@@ -124,6 +140,8 @@ def main(argv=None) -> list[dict]:
                           **{k: row.get(k) for k in ("strategy", "seed", "mmd", "cov", "one_nna", "one_nna_samples",
                                                      "one_nna_references", "memorisation_ratio", "latent_nn_ratio",
                                                      "invalid")}}, default=float), flush=True)
+    for picture in pictures:
+        print(f"samples: {picture}", file=sys.stderr)
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return rows
 

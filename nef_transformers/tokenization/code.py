@@ -399,12 +399,42 @@ def cycle_error(model: NefCodeVAE, codes: torch.Tensor, active: torch.Tensor) ->
     ``codes (b, t, w)`` and the posterior means of the fields they decode to: 0 when the decoder draws, for each
     code, a field the encoders map back to it; large when it draws alike fields for unlike codes."""
     codes = model.check_codes(codes)
-    return ((model.encode(model.decode(codes)) - codes).flatten(1) ** 2)[:, active].mean()
+    return _cycle_error(model, codes, model.decode(codes), active)
+
+
+def _cycle_error(model: NefCodeVAE, codes: torch.Tensor, decoded: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    return ((model.encode(decoded) - codes).flatten(1) ** 2)[:, active].mean()
+
+
+def field_mmd(samples: torch.Tensor, references: torch.Tensor, scales: tuple[float, ...] = (0.5, 1.0, 2.0)
+              ) -> torch.Tensor:
+    """Unbiased squared MMD between two sets of fields given by their values at the same points, ``samples (m, ...)``
+    and ``references (r, ...)`` (m, r >= 2; e.g. ``(m, n, out_dim)`` from `siren_forward`), with a sum of Gaussian kernels ``exp(-d / (s * h))`` on the mean squared
+    difference ``d`` of two fields, ``h`` the median ``d`` over all pairs (held fixed for the gradient) and ``s`` in
+    ``scales``. About 0 when both sets come from one distribution; its gradient pulls samples towards the references
+    and apart from one another (the repulsion is what un-bunches a decoder that draws alike fields)."""
+    if samples.ndim < 2 or samples.shape[1:] != references.shape[1:]:
+        raise ValueError(f"samples (m, ...) and references (r, ...) with the same values per field (the same points) "
+                         f"are needed, got {tuple(samples.shape)} and {tuple(references.shape)}")
+    samples, references = samples.flatten(1), references.flatten(1)
+    if len(samples) < 2 or len(references) < 2:
+        raise ValueError(f"at least 2 samples and 2 references are needed, got {len(samples)} and {len(references)}")
+    both = torch.cat([samples, references])
+    distances = torch.cdist(both, both).pow(2) / both.shape[1]
+    m = len(samples)
+    off = ~torch.eye(len(both), dtype=torch.bool, device=both.device)
+    h = distances.detach()[off].median().clamp_min(1e-12)
+    kernel = sum(torch.exp(-distances / (s * h)) for s in scales)
+    xx, yy, xy = kernel[:m, :m], kernel[m:, m:], kernel[:m, m:]
+    r = len(references)
+    return ((xx.sum() - xx.diagonal().sum()) / (m * (m - 1)) + (yy.sum() - yy.diagonal().sum()) / (r * (r - 1))
+            - 2 * xy.mean())
 
 
 def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes: torch.Tensor, coords: torch.Tensor,
                           epochs: int = 20, cycle_weight: float = 0.1, lr: float = 1e-4, batch_size: int = 16,
-                          points_per_step: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+                          points_per_step: int | None = None, seed: int = 0, progress: bool = True,
+                          mmd_weight: float = 0.0) -> dict:
     """Fine-tune ``model``'s decoders (in place; `decoder_parameters`) for the codes a prior draws, not only for the
     training fields' own (RESULTS.md, session 16). Decoders trained only on the training fields' posteriors draw
     alike, average fields for the new codes a prior samples between them, so its samples bunch.
@@ -417,8 +447,14 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
       NefGPT's samples) over the code dimensions in use (the training fields' posterior means spread with std >
       `ACTIVE_SPREAD`): each prior code must decode to a field the fixed encoders map back to it.
 
+    With ``mmd_weight > 0`` a third term: ``mmd_weight`` × `field_mmd` between the prior batch's decoded fields and
+    the reconstruction batch's training fields at the step's points (occupancy probabilities for shapes), a realism
+    term on the prior's samples themselves: it pulls their distribution towards the training fields' and pushes
+    alike samples apart.
+
     The encoders do not change, so the training fields' codes, and a prior trained on them, stay valid.
-    Returns ``{"reconstruction": [...], "cycle": [...]}`` (each epoch's mean terms) and ``"active_dims"``.
+    Returns ``{"reconstruction": [...], "cycle": [...], "mmd": [...]}`` (each epoch's mean terms) and
+    ``"active_dims"``.
     """
     from tqdm.auto import tqdm
 
@@ -427,9 +463,12 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
 
     model.spec.check_weights(weights)
     prior_codes = model.check_codes(prior_codes).float()
-    if epochs < 1 or batch_size < 1 or not lr > 0 or not cycle_weight >= 0:
-        raise ValueError(f"epochs >= 1, batch_size >= 1, lr > 0 and cycle_weight >= 0 are needed, got {epochs}, "
-                         f"{batch_size}, {lr}, {cycle_weight}")
+    if epochs < 1 or batch_size < 1 or not lr > 0 or not cycle_weight >= 0 or not mmd_weight >= 0:
+        raise ValueError(f"epochs >= 1, batch_size >= 1, lr > 0, cycle_weight >= 0 and mmd_weight >= 0 are needed, "
+                         f"got {epochs}, {batch_size}, {lr}, {cycle_weight}, {mmd_weight}")
+    if mmd_weight > 0 and (batch_size < 2 or len(weights) < 2):
+        raise ValueError(f"mmd_weight > 0 compares batches: batch_size and the number of fields must be >= 2, got "
+                         f"{batch_size} and {len(weights)}")
     if coords.ndim != 2 or coords.shape[1] != model.spec.in_dim:
         raise ValueError(f"coords must be (n, {model.spec.in_dim}) points of the fields' domain, got "
                          f"{tuple(coords.shape)}")
@@ -451,15 +490,17 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
         p.requires_grad_(any(p is q for q in parameters))
     optimizer = torch.optim.Adam(parameters, lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    history = {"reconstruction": [], "cycle": [], "active_dims": int(active.sum())}
+    history = {"reconstruction": [], "cycle": [], "mmd": [], "active_dims": int(active.sum())}
     steps_per_epoch = -(-len(weights) // batch_size)
     bar = tqdm(total=epochs * steps_per_epoch, desc="tuning the decoders to the prior", disable=not progress)
     try:
         for _ in range(epochs):
             order = torch.randperm(len(weights), generator=generator)
-            sums = [0.0, 0.0]
+            sums, seen = [0.0, 0.0, 0.0], 0
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
+                if len(rows) < 2 and mmd_weight > 0:  # one field left over has no MMD: skipped this epoch (the
+                    continue                            # order is drawn afresh each epoch)
                 code = mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)
                 points = coords if points_per_step is None else \
                     coords[torch.randperm(len(coords), generator=generator)[:points_per_step]]
@@ -468,18 +509,27 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
                 output = siren_forward(model.spec, model.decode(code[:, :model.code_length]), points)
                 reconstruction = occupancy_kl(output, target) if kl else ((output - target) ** 2).mean()
                 drawn = prior_codes[torch.randint(len(prior_codes), (len(rows),), generator=generator)]
-                cycle = cycle_error(model, drawn, active) if cycle_weight > 0 else reconstruction.new_zeros(())
-                loss = reconstruction + cycle_weight * cycle
+                zero = reconstruction.new_zeros(())
+                decoded = model.decode(drawn) if cycle_weight > 0 or mmd_weight > 0 else None
+                cycle = _cycle_error(model, drawn, decoded, active) if cycle_weight > 0 else zero
+                mmd = zero
+                if mmd_weight > 0:
+                    values = siren_forward(model.spec, decoded, points)
+                    mmd = field_mmd(torch.sigmoid(values), torch.sigmoid(target)) if kl else field_mmd(values, target)
+                loss = reconstruction + cycle_weight * cycle + mmd_weight * mmd
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(parameters, 1.0)
                 optimizer.step()
                 sums[0] += float(reconstruction.detach()) * len(rows)
                 sums[1] += float(cycle.detach()) * len(rows)
+                sums[2] += float(mmd.detach()) * len(rows)
+                seen += len(rows)
                 bar.update(1)
-            history["reconstruction"].append(sums[0] / len(order))
-            history["cycle"].append(sums[1] / len(order))
-            bar.set_postfix(reconstruction=f"{history['reconstruction'][-1]:.3g}", cycle=f"{history['cycle'][-1]:.3g}")
+            for name, total in zip(("reconstruction", "cycle", "mmd"), sums):
+                history[name].append(total / seen)
+            bar.set_postfix(reconstruction=f"{history['reconstruction'][-1]:.3g}", cycle=f"{history['cycle'][-1]:.3g}",
+                            **({"mmd": f"{history['mmd'][-1]:.3g}"} if mmd_weight > 0 else {}))
     finally:
         bar.close()
         for p, state in states:
@@ -488,5 +538,5 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
     return history
 
 
-__all__ = ["NefCodeConfig", "NefCodeVAE", "cycle_error", "decoder_metric", "decoder_parameters", "posterior_draws",
-           "shape_weighted_frame", "train_code_vae", "tune_decoder_to_prior"]
+__all__ = ["NefCodeConfig", "NefCodeVAE", "cycle_error", "decoder_metric", "decoder_parameters", "field_mmd",
+           "posterior_draws", "shape_weighted_frame", "train_code_vae", "tune_decoder_to_prior"]
