@@ -9,17 +9,18 @@
 The experiment behind RESULTS.md, session 16. It works on the folder of a `generation_quality.py` run of the code
 strategy, with that run's options (so its stages are reused; any missing are computed first), and adds:
 
-1. prior codes: ``--prior-codes`` draws of the run's NefGPT at the first ``--top-k`` and ``--temperature``, with
-   seeds from 10,000 up (never an evaluation seed);
+1. prior codes: ``--prior-codes`` draws of the run's NefGPT at the first ``--top-k`` and ``--prior-temperature``
+   (default: the first ``--temperature``), with seeds from 10,000 up (never an evaluation seed);
 2. a copy of the run's code VAE whose decoders are tuned to those codes and the training fields
    (`nef_transformers.tokenization.code.tune_decoder_to_prior`: the function-space reconstruction of the training
    fields plus ``--cycle-weight`` × the cycle error of the prior codes, and with ``--mmd-weight`` a realism term, the
    MMD between the prior codes' decoded fields and the training fields; the encoders stay fixed, so NefGPT's codes
    stay valid), saved under ``OUT/code/tuned_decoder`` (``--tuned-name``; reused when there, with the same
    settings);
-3. NefGPT's draws for ``--sample-seeds`` (the run's cached samples, or new ones), decoded through the tuned decoders
-   and scored like the benchmark's rows (`Run.evaluate_weights`); with ``--baseline`` the same codes through the
-   run's own decoders too (a paired comparison: the codes are the same, only the decoders differ).
+3. NefGPT's draws for ``--sample-seeds`` at each ``--temperature`` (the run's cached samples, or new ones), decoded
+   through the tuned decoders and scored like the benchmark's rows (`Run.evaluate_weights`); with ``--baseline`` the
+   same codes through the run's own decoders too (a paired comparison: the codes are the same, only the decoders
+   differ).
 
 Prints the table (with each setting's mean over the draws), then one JSON line per row, and writes the first draw's
 samples beside held-out items, per decoder, as ``OUT/code/<tuned name>/samples_<row>_seed<seed>.png``.
@@ -57,9 +58,15 @@ def build_parser():
     parser.add_argument("--mmd-weight", type=float, default=0.0,
                         help="weight of the realism term: the MMD between the prior's decoded fields and the training "
                              "fields (0: off)")
+    parser.add_argument("--prior-temperature", type=float, default=None,
+                        help="NefGPT's temperature for the prior codes (default: the first --temperature); the draws "
+                             "are scored at every --temperature")
     parser.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning's batches and posterior draws")
     parser.add_argument("--tuned-name", default="tuned_decoder",
                         help="folder under OUT/code for the tuned VAE (another name keeps several side by side)")
+    parser.add_argument("--tuned-reconstruction", action="store_true",
+                        help="also measure how the tuned decoders reconstruct training and held-out fields through "
+                             "their codes (`Run.reconstruction_row`; fits the held-out fields first when missing)")
     parser.add_argument("--baseline", action="store_true",
                         help="also score the same codes through the run's own decoders (paired comparison)")
     return parser
@@ -89,8 +96,9 @@ def main(argv=None) -> list[dict]:
     run = Run(Path(args.out), config, device=args.device)
     fields = run.fit()
     spec, source = get_spec(fields), get_source_info(fields)
-    top_k, temperature = args.top_k[0], args.temperature[0]
-    settings = {"prior_codes": args.prior_codes, "top_k": top_k, "temperature": temperature,
+    top_k = args.top_k[0]
+    prior_temperature = args.prior_temperature or args.temperature[0]
+    settings = {"prior_codes": args.prior_codes, "top_k": top_k, "temperature": prior_temperature,
                 "epochs": args.tune_epochs, "cycle_weight": args.cycle_weight, "lr": args.tune_lr,
                 "batch_size": args.tune_batch_size, **({"mmd_weight": args.mmd_weight} if args.mmd_weight else {}),
                 **({"seed": args.tune_seed} if args.tune_seed else {})}
@@ -104,7 +112,8 @@ def main(argv=None) -> list[dict]:
         model, _ = load_generation_folder(run.train("code"))
         model.to(run.device).eval()
         with torch.no_grad():
-            prior = torch.cat([model.sample(num_samples=min(1000, args.prior_codes - start), temperature=temperature,
+            prior = torch.cat([model.sample(num_samples=min(1000, args.prior_codes - start),
+                                            temperature=prior_temperature,
                                             top_k=top_k, seed=PRIOR_SEED + start).float().cpu()
                                for start in range(0, args.prior_codes, 1000)])
         tuned = run.code_vae().cpu()
@@ -121,7 +130,7 @@ def main(argv=None) -> list[dict]:
     name = "code-tuned" if args.tuned_name == "tuned_decoder" else f"code-{args.tuned_name}"
     decoders = {name: tuned, **({"code": run.code_vae()} if args.baseline else {})}
     rows, pictures = [], []
-    for seed in args.sample_seeds:
+    for temperature, seed in [(t, s) for t in args.temperature for s in args.sample_seeds]:
         _, sequences = run.sample("code", top_k=top_k, temperature=temperature, seed=seed, return_sequences=True)
         for name, vae in decoders.items():
             with torch.no_grad():
@@ -130,16 +139,24 @@ def main(argv=None) -> list[dict]:
             rows.append(run.evaluate_weights(weights, name, {"top_k": top_k, "temperature": temperature,
                                                              "seed": seed}, latents=latents.cpu()))
             if seed == args.sample_seeds[0]:  # the first draw's samples beside held-out items, per decoder
-                pictures.append(save_samples_figure(run, weights, folder / f"samples_{name}_seed{seed}.png",
+                picture = folder / f"samples_{name}_t{temperature:g}_seed{seed}.png"
+                pictures.append(save_samples_figure(run, weights, picture,
                                                     title=f"{name}: NefGPT's codes (top-k {top_k}, T {temperature:g}, "
                                                           f"seed {seed}) through {name}'s decoders"))
     rows += seed_means(rows)
     print(metrics_table(rows), flush=True)
+    if args.tuned_reconstruction:
+        reconstructions = [{**run.reconstruction_row("code", code_vae=vae), "strategy": f"reconstruction-{name}"}
+                           for name, vae in decoders.items()]
+        print(gq.reconstruction_table(reconstructions), flush=True)
+        for row in reconstructions:
+            print(json.dumps({"bench": "tune_decoder", "source": str(args.source), "tuning": settings, **row},
+                             default=float), flush=True)
     for row in rows:
-        print(json.dumps({"bench": "tune_decoder", "source": str(args.source), **settings,
-                          **{k: row.get(k) for k in ("strategy", "seed", "mmd", "cov", "one_nna", "one_nna_samples",
-                                                     "one_nna_references", "memorisation_ratio", "latent_nn_ratio",
-                                                     "invalid")}}, default=float), flush=True)
+        print(json.dumps({"bench": "tune_decoder", "source": str(args.source), "tuning": settings,
+                          **{k: row.get(k) for k in ("strategy", "temperature", "seed", "mmd", "cov", "one_nna",
+                                                     "one_nna_samples", "one_nna_references", "memorisation_ratio",
+                                                     "latent_nn_ratio", "invalid")}}, default=float), flush=True)
     for picture in pictures:
         print(f"samples: {picture}", file=sys.stderr)
     print(f"total {time.perf_counter() - started:.0f} s", file=sys.stderr)

@@ -518,18 +518,21 @@ class Run:
         self._heldout_fields = fields
         return fields
 
-    def reconstruction_row(self, strategy: str | None = None, seed: int = 0) -> dict:
+    def reconstruction_row(self, strategy: str | None = None, seed: int = 0, code_vae=None) -> dict:
         """Does the tokenization's autoencoder generalise? Its reconstructions of as many training fields as held-out
         items (the oracle's seeded choice) and of every held-out field (`heldout_fields`), each against the field
         itself (shapes: IoU of the occupancy on a 48³ lattice; images: PSNR in dB of the rendered pixels), and
         ``retrieval``: each held-out field against its most alike training field (an autoencoder that only
         memorised its training set could at best return that). For the ``"learned"`` strategy (the autoencoder)
-        and ``"code"`` (its code VAE, through the posterior means). Returns ``{"strategy":
+        and ``"code"`` (its code VAE, through the posterior means; ``code_vae``: another `NefCodeVAE` over the same
+        autoencoder's codes, e.g. one whose decoders `tune_decoder_to_prior` tuned). Returns ``{"strategy":
         "reconstruction-<strategy>", "measure": "iou" | "psnr_db", "train", "heldout", "retrieval" (means),
         "num_train", "num_heldout"}``."""
         from .data.metadata import get_source_info, get_spec, weights_tensor
 
         strategy = strategy or self.config.strategy
+        if code_vae is not None and strategy != "code":
+            raise ValueError(f"code_vae is a code-strategy model; reconstruction_row({strategy!r}) does not use one")
         if strategy not in ("learned", "code"):
             raise ValueError(f"reconstruction_row measures the autoencoders of the 'learned' and 'code' strategies; "
                              f"{strategy!r} reconstructs {'exactly' if strategy == 'naive' else 'through its codebook'}")
@@ -544,7 +547,7 @@ class Run:
             def reconstruct(weights):
                 return autoencoder(weights.to(self.device))[0].float().cpu()
         else:
-            vae = self.code_vae()
+            vae = self.code_vae() if code_vae is None else code_vae.to(self.device).eval()
 
             def reconstruct(weights):
                 codes = vae.encode(weights.to(self.device))

@@ -362,6 +362,15 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert code_recon["strategy"] == "reconstruction-code" and code_recon["retrieval"] == learned_recon["retrieval"]
     assert code_recon["train"] != learned_recon["train"]  # through the VAE's codes, not the latents
     assert [p.stat().st_mtime_ns for p in sorted((out / "heldout_fields" / "shards").iterdir())] == stamps  # reused
+    # another VAE over the same codes (e.g. decoders tuned to the prior): measured through it, not the run's
+    assert code.reconstruction_row(code_vae=code.code_vae()) == code_recon
+    altered = code.code_vae()
+    with torch.no_grad():
+        for p in altered.decoder.parameters():
+            p.mul_(0.5)
+    assert code.reconstruction_row(code_vae=altered)["train"] != code_recon["train"]
+    with pytest.raises(ValueError, match="code_vae is a code-strategy model"):
+        run.reconstruction_row("learned", code_vae=altered)
     with pytest.raises(ValueError, match="'naive' reconstructs exactly"):
         run.reconstruction_row("naive")
     # held-out fields from another shared init would not be the same kind of field: refused, the way out named
