@@ -124,13 +124,15 @@ def test_tokenize_command_code_strategy_and_the_shapes_loss(weight_dataset, tmp_
                               "--out", str(tmp_path / "learned")])
     assert args.handler(args) == 0
     info = json.loads((tmp_path / "learned" / "tokenize.json").read_text())
-    assert info["settings"]["function_loss"] == "kl" and info["settings"]["encoder"] == "weights"
-    # --encoder function: the CNN over the field, saved with the tokenizer
+    # the default encoder reads the field (a CNN over its outputs on a lattice), saved with the tokenizer
+    assert info["settings"]["function_loss"] == "kl" and info["settings"]["encoder"] == "function"
+    assert load_tokenization(tmp_path / "learned").config.encoder == "function"
+    # --encoder weights: the transformer over the neurons
     args = parser.parse_args(["tokenize", "--nefs", str(tmp_path / "shapes"), "--strategy", "learned", "--epochs", "1",
-                              "--encoder", "function", "--out", str(tmp_path / "function")])
+                              "--encoder", "weights", "--out", str(tmp_path / "neurons")])
     assert args.handler(args) == 0
-    assert json.loads((tmp_path / "function" / "tokenize.json").read_text())["settings"]["encoder"] == "function"
-    assert load_tokenization(tmp_path / "function").config.encoder == "function"
+    assert json.loads((tmp_path / "neurons" / "tokenize.json").read_text())["settings"]["encoder"] == "weights"
+    assert load_tokenization(tmp_path / "neurons").config.encoder == "weights"
 
 
 def test_unknown_strategy(weight_dataset):
