@@ -6,8 +6,9 @@
         --code-chunk-width 32 \\
         --top-k 64 --temperature 1.3 --sample-seeds 0 1 2 3 4 --baseline --threads 2
 
-The experiment behind RESULTS.md, session 16. It works on the folder of a `generation_quality.py` run of the code
-strategy, with that run's options (so its stages are reused; any missing are computed first), and adds:
+The experiments behind RESULTS.md, sessions 16 (the cycle term) and 17 (the realism term, ``--mmd-weight``). It works
+on the folder of a `generation_quality.py` run of the code strategy, with that run's options (so its stages are
+reused; any missing are computed first), and adds:
 
 1. prior codes: ``--prior-codes`` draws of the run's NefGPT at the first ``--top-k`` and ``--prior-temperature``
    (default: the first ``--temperature``), with seeds from 10,000 up (never an evaluation seed);
@@ -23,7 +24,8 @@ strategy, with that run's options (so its stages are reused; any missing are com
    differ).
 
 Prints the table (with each setting's mean over the draws), then one JSON line per row, and writes the first draw's
-samples beside held-out items, per decoder, as ``OUT/code/<tuned name>/samples_<row>_seed<seed>.png``.
+samples beside held-out items, per decoder and temperature, as
+``OUT/code/<tuned name>/samples_<row>_t<temperature>_seed<seed>.png``.
 """
 
 from __future__ import annotations

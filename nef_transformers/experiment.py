@@ -218,8 +218,8 @@ def _check_cached(folder: Path, saved: dict, wanted: dict) -> None:
     differences = [f"{key}: {saved.get(key)!r} there, {value!r} asked" for key, value in wanted.items()
                    if saved.get(key) != value]
     if differences:
-        raise RunMismatchError(f"{folder} was made with other settings ({'; '.join(differences)}): ask for the settings "
-                               f"it was made with, delete it, pass --fresh, or choose another --out")
+        raise RunMismatchError(f"{folder} was made with other settings ({'; '.join(differences)}): ask for the "
+                               f"settings it was made with, delete it, pass --fresh, or choose another --out")
 
 
 def subset_source(source, indices: Sequence[int]):

@@ -408,11 +408,12 @@ def _cycle_error(model: NefCodeVAE, codes: torch.Tensor, decoded: torch.Tensor, 
 
 def field_mmd(samples: torch.Tensor, references: torch.Tensor, scales: tuple[float, ...] = (0.5, 1.0, 2.0)
               ) -> torch.Tensor:
-    """Unbiased squared MMD between two sets of fields given by their values at the same points, ``samples (m, ...)``
-    and ``references (r, ...)`` (m, r >= 2; e.g. ``(m, n, out_dim)`` from `siren_forward`), with a sum of Gaussian kernels ``exp(-d / (s * h))`` on the mean squared
-    difference ``d`` of two fields, ``h`` the median ``d`` over all pairs (held fixed for the gradient) and ``s`` in
-    ``scales``. About 0 when both sets come from one distribution; its gradient pulls samples towards the references
-    and apart from one another (the repulsion is what un-bunches a decoder that draws alike fields)."""
+    """Unbiased squared MMD between two sets of fields given by their values at the same points,
+    ``samples (m, ...)`` and ``references (r, ...)`` (m, r >= 2; e.g. ``(m, n, out_dim)`` from `siren_forward`),
+    with a sum of Gaussian kernels ``exp(-d / (s * h))`` on the mean squared difference ``d`` of two fields, ``h``
+    the median ``d`` over all pairs (held fixed for the gradient) and ``s`` in ``scales``. About 0 when both sets
+    come from one distribution; its gradient pulls samples towards the references and apart from one another (the
+    repulsion is what un-bunches a decoder that draws alike fields)."""
     if samples.ndim < 2 or samples.shape[1:] != references.shape[1:]:
         raise ValueError(f"samples (m, ...) and references (r, ...) with the same values per field (the same points) "
                          f"are needed, got {tuple(samples.shape)} and {tuple(references.shape)}")
