@@ -444,9 +444,9 @@ def test_run_config_refuses_bad_settings():
 def test_quickstart_and_tokenize_offer_every_encoder_and_default_to_the_function_encoder():
     import argparse
 
+    from nef_transformers.cli import build_parser
     from nef_transformers.experiment import RunConfig
     from nef_transformers.quickstart import ENCODER_CHOICES, add_arguments
-    from nef_transformers.cli import build_parser
     from nef_transformers.tokenization.learned import ENCODERS, NefAutoencoderConfig
 
     assert ENCODER_CHOICES == ENCODERS
