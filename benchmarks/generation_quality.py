@@ -32,8 +32,9 @@ with confidence >= 0.9 and the spread over classes.
 
 Writes OUT/generation_quality.md (table), OUT/generation_quality.json and OUT/samples_{strategy}.png (samples
 beside real items: the first draw of the setting with the best mean 1-NNA; a rerun with ``--skip-baselines`` or
-``--samples-only`` adds a time stamp to each name instead of overwriting them); prints the table, then one JSON line per row. Stages are cached in OUT
-(`nef_transformers.experiment`): re-running reuses fitted fields, tokenizers and models.
+``--samples-only`` adds a time stamp to each name instead of overwriting them); prints the table, then one JSON line
+per row. Stages are cached in OUT (`nef_transformers.experiment`): re-running reuses fitted fields, tokenizers and
+models.
 """
 
 from __future__ import annotations

@@ -987,6 +987,11 @@ METRIC_COLUMNS = (("mmd", "MMD ↓", "{:.4g}"), ("cov", "COV ↑", "{:.1%}"), ("
                   ("recognised", "recognised", "{:.1%}"), ("class_spread", "class spread", "{:.2f}"))
 
 
+def generator_setting(row: dict) -> tuple:
+    """The setting a result row's draws share: ``(strategy, top_k, temperature)``."""
+    return row["strategy"], row.get("top_k"), row.get("temperature")
+
+
 def seed_means(rows: list[dict]) -> list[dict]:
     """One row per generator setting (strategy, top-k, temperature) sampled with two or more seeds: each metric's
     mean over the seeds, ``seeds`` (their list), ``invalid`` and ``num_samples`` summed, and ``one_nna_sd`` /
@@ -998,7 +1003,7 @@ def seed_means(rows: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("seed") is not None:
-            groups.setdefault((row["strategy"], row.get("top_k"), row.get("temperature")), []).append(row)
+            groups.setdefault(generator_setting(row), []).append(row)
     means = []
     for (strategy, top_k, temperature), members in groups.items():
         if len({row["seed"] for row in members}) < 2:
@@ -1028,7 +1033,7 @@ def figure_row(rows: list[dict]) -> dict | None:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if row.get("one_nna") is not None:
-            groups.setdefault((row["strategy"], row.get("top_k"), row.get("temperature")), []).append(row)
+            groups.setdefault(generator_setting(row), []).append(row)
     if not groups:
         return None
     return min(groups.values(), key=lambda group: float(np.mean([row["one_nna"] for row in group])))[0]

@@ -565,10 +565,10 @@ def load_card_metrics(path: str | Path) -> dict:
     if not chosen:
         raise ValueError(f"{where}: every row is an oracle or baseline ({[row['strategy'] for row in rows]}); "
                          "there is no generator row to report")
-    first = rows[chosen[0]]
-    setting = [first.get(key) for key in ("strategy", "top_k", "temperature")]
-    reported = next((i for i in chosen if rows[i].get("seeds")
-                     and [rows[i].get(key) for key in ("strategy", "top_k", "temperature")] == setting), chosen[0])
+    from .experiment import generator_setting
+
+    setting = generator_setting(rows[chosen[0]])
+    reported = next((i for i in chosen if rows[i].get("seeds") and generator_setting(rows[i]) == setting), chosen[0])
     oracle = next((i for i, row in enumerate(rows) if row["strategy"] == ORACLE_ROW), None)
     for index in (reported, oracle):
         if index is not None:
