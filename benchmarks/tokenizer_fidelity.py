@@ -14,7 +14,11 @@ and encode/decode throughput. Strategies:
 - ``ideal-coder bound`` (MNIST only): the fewest bits per field any code could use to stay within 1 dB, and
   the loss an ideal code would have at the budgets of <= 256 tokens (linearised fields, reverse water-filling
   over the eigen-directions of ``J diag(σ)``; ``J`` the Jacobian of the field's pixels w.r.t. its weights,
-  ``σ`` the per-weight spread of ``w - w_init`` over the training fields).
+  ``σ`` the per-weight spread of ``w - w_init`` over the training fields). The code is told each field's own
+  Jacobian, which no decoder knows before it decodes;
+- ``fixed-code bound`` (MNIST only): the same for a code whose decoder is one map for all fields: the full
+  covariance of ``w - w_init`` (correlations between weights used) under the mean ``JᵀJ`` of the training
+  fields. Both bounds model the weights as Gaussian and the fields as linear near each field.
 
 Prints a table, then one JSON line per strategy and source. Fitting is the slow part: pass saved weight
 datasets (``save_to_disk`` / fit folders) to reuse them.
@@ -76,8 +80,40 @@ def throughput(fn, weights: torch.Tensor, target_fields: int = 5000) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ bound
+def water_fill(power: torch.Tensor, *, distortion: float | None = None, bits: float | None = None):
+    """Reverse water-filling over independent Gaussian directions of variances ``power``: give one of the
+    target ``distortion`` (summed) or the bit budget ``bits``, get ``(bits, distortion)`` of the optimal code.
+
+    A direction of variance λ costs ½·log2(λ/θ) bits and leaves min(λ, θ) error, θ the water level. The level
+    may sit below the smallest variance (every direction coded): the search reaches far below it."""
+    if (distortion is None) == (bits is None):
+        raise ValueError("water_fill: give exactly one of distortion= and bits=")
+    power = power.double().clamp_min(1e-300)
+
+    def at(theta):
+        level = torch.tensor(theta, dtype=power.dtype)
+        return float((0.5 * torch.log2(power / level)).clamp_min(0).sum()), float(torch.minimum(power, level).sum())
+
+    lo, hi = math.log(float(power.min())) - 60.0, math.log(float(power.max()))
+    for _ in range(200):  # bisection on log θ: distortion rises and bits fall with θ
+        mid = (lo + hi) / 2
+        rate, error = at(math.exp(mid))
+        if (error <= distortion) if distortion is not None else (rate >= bits):
+            lo = mid
+        else:
+            hi = mid
+    return at(math.exp(lo))
+
+
+def _image_mse(psnr_db) -> float:
+    """Mean squared error (images in [0, 1]) of a PSNR in dB, averaged over fields."""
+    return float(np.mean(10 ** (-np.asarray(psnr_db, dtype=np.float64) / 10)))
+
+
 def ideal_coder_bound(spec, weights_test, train_residuals, source, rows_indices, budgets, num_fields=8):
-    """Mean over ``num_fields`` held-out MNIST fields of (bits for a 1 dB drop, drop at each bit budget)."""
+    """Mean over ``num_fields`` held-out MNIST fields of (bits for a 1 dB drop, drop at each bit budget).
+
+    The code is told each field's own Jacobian (an oracle no real decoder has): the most a code could gain."""
     from torch.func import jacrev
 
     from nef_transformers.fields import psnr_fit_a_nef, siren_forward
@@ -92,28 +128,35 @@ def ideal_coder_bound(spec, weights_test, train_residuals, source, rows_indices,
         power = torch.linalg.eigvalsh(scaled.T @ scaled).clamp_min(1e-30)  # output energy per direction
         target = source.signals([rows_indices[row]])
         with torch.no_grad():
-            mse0 = 10 ** (-float(psnr_fit_a_nef(siren_forward(spec, w[None], coords), target, source.mean,
-                                                source.std)[0]) / 10)
+            mse0 = _image_mse(psnr_fit_a_nef(siren_forward(spec, w[None], coords), target, source.mean, source.std))
         to_image = float(np.mean(source.std) ** 2) / coords.shape[0]  # summed normalised error -> image MSE
-
-        def bits_at(theta):
-            return float((0.5 * torch.log2(power[power > theta] / theta)).sum())
-
-        def drop_at(theta):
-            return 10 * math.log10(1 + float(torch.minimum(power, torch.tensor(theta, dtype=power.dtype)).sum())
-                                   * to_image / mse0)
-
-        def solve(predicate):  # bisection on log(theta); predicate(theta) is monotone
-            lo, hi = math.log(float(power.min())), math.log(float(power.max()))
-            for _ in range(80):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if predicate(math.exp(mid)) else (lo, mid)
-            return math.exp(lo)
-
-        bits_for_1db.append(bits_at(solve(lambda theta: drop_at(theta) <= 1.0)))
+        bits_for_1db.append(water_fill(power, distortion=mse0 * (10 ** 0.1 - 1) / to_image)[0])
         for budget in budgets:
-            drops[budget].append(drop_at(solve(lambda theta: bits_at(theta) >= budget)))
+            error = water_fill(power, bits=budget)[1]
+            drops[budget].append(10 * math.log10(1 + error * to_image / mse0))
     return float(np.mean(bits_for_1db)), {b: float(np.mean(v)) for b, v in drops.items()}
+
+
+def fixed_code_bound(spec, weights_train, train_residuals, train_psnr, source, num_fields=100):
+    """Bits per field a Gaussian-model code needs for a 1 dB drop when its decoder is one fixed map for every
+    field: the weights' full covariance over the training fields, the error weighted by the mean over
+    ``num_fields`` training fields of JᵀJ (the expected output error of a weight error independent of the
+    field). A fixed codebook can use the correlations between weights, but not one field's own Jacobian."""
+    from torch.func import jacrev
+
+    from nef_transformers.fields import siren_forward
+
+    coords = source.coords()
+    metric = torch.zeros(weights_train.shape[1], weights_train.shape[1], dtype=torch.float64)
+    chosen = range(min(num_fields, len(weights_train)))
+    for row in chosen:
+        jacobian = jacrev(lambda v: siren_forward(spec, v[None], coords)[0, :, 0])(weights_train[row].clone())
+        metric += jacobian.double().T @ jacobian.double() / len(chosen)
+    values, vectors = torch.linalg.eigh(metric)
+    root = vectors @ torch.diag(values.clamp_min(0).sqrt()) @ vectors.T
+    power = torch.linalg.eigvalsh(root @ torch.cov(train_residuals.double().T) @ root)
+    to_image = float(np.mean(source.std) ** 2) / coords.shape[0]
+    return water_fill(power, distortion=_image_mse(train_psnr) * (10 ** 0.1 - 1) / to_image)[0]
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -130,6 +173,13 @@ def run_source(name, dataset, source, args):
     num_test = max(1, int(round(args.test_fraction * len(dataset))))
     test, train = np.sort(order[:num_test]), np.sort(order[num_test:])
     original = quality(dataset, source, weights[test], test)
+    if source.kind == "image" and "psnr" in dataset.column_names:  # the fit's own PSNR: were these its images?
+        stored = torch.as_tensor(np.asarray(dataset["psnr"])[test], dtype=original.dtype)
+        if float((stored - original).abs().mean()) > 0.5:
+            raise SystemExit(f"{name}: the fields' stored PSNR ({float(stored.mean()):.2f} dB) is not their PSNR "
+                             f"against the source's images at their `index` ({float(original.mean()):.2f} dB): the "
+                             "weight dataset was fitted to other items (a subset?); pass the fields of "
+                             "`nef-transformers fit` on the whole source, or let this script fit them")
     metric = "psnr" if source.kind == "image" else "iou"
     rows = []
 
@@ -196,17 +246,26 @@ def run_source(name, dataset, source, args):
                    extra={"latent_dim": config.latent_dim, "epochs": args.ae_epochs, "train_s": round(train_s, 1),
                           "final_function_mse": round(info["function_mse"], 5)})
 
-    # 4. what no tokenizer can beat (MNIST): bits an ideal code needs for a 1 dB drop
+    # 4. what no tokenizer can beat (MNIST): bits a code needs for a 1 dB drop, with and without an oracle
+    def bound_row(strategy, bits, fields, **extra):
+        per_token = bits / 256  # the issue's budget: <= 256 tokens, so each token must carry this many bits
+        return {"bench": "tokenizer_fidelity", "source": name, "strategy": strategy, "bits_for_1db_drop": round(bits),
+                "bits_per_token_at_256": round(per_token, 1), "codes_per_token_at_256": round(2 ** per_token),
+                "fields": fields, **extra}
+
+    residuals = weights[train] - (0 if init is None else init)
     if source.kind == "image" and args.bound_fields > 0:
         budgets = {"195 tokens x 10 bits (1,024 codes)": 1950, "254 tokens x 14 bits (16,384 codes)": 254 * 14,
                    "1,185 tokens x 10 bits (per scalar)": 1185 * 10}
         indices = [int(i) for i in np.asarray(dataset["index"])[test]]
-        bits, drops = ideal_coder_bound(spec, weights[test], (weights[train] - (0 if init is None else init)),
-                                        source, indices, list(budgets.values()), args.bound_fields)
-        row = {"bench": "tokenizer_fidelity", "source": name, "strategy": "ideal-coder bound",
-               "bits_for_1db_drop": round(bits), "fields": min(args.bound_fields, len(test)),
-               "ideal_drop_db": {label: round(drops[b], 2) for label, b in budgets.items()}}
-        rows.append(row)
+        bits, drops = ideal_coder_bound(spec, weights[test], residuals, source, indices, list(budgets.values()),
+                                        args.bound_fields)
+        rows.append(bound_row("ideal-coder bound", bits, min(args.bound_fields, len(test)),
+                              ideal_drop_db={label: round(drops[b], 2) for label, b in budgets.items()}))
+    if source.kind == "image" and args.metric_fields > 0:
+        train_psnr = quality(dataset, source, weights[train], train)
+        bits = fixed_code_bound(spec, weights[train], residuals, train_psnr, source, args.metric_fields)
+        rows.append(bound_row("fixed-code bound", bits, min(args.metric_fields, len(train))))
     return rows
 
 
@@ -216,9 +275,10 @@ def print_table(rows):
     print(header)
     print("-" * len(header))
     for row in rows:
-        if row["strategy"] == "ideal-coder bound":
+        if row["strategy"].endswith("bound"):
             print(f"{row['source']:<8} {row['strategy']:<22} needs {row['bits_for_1db_drop']} bits/field for a 1 dB "
-                  f"drop; ideal drops: " + ", ".join(f"{k}: {v} dB" for k, v in row["ideal_drop_db"].items()))
+                  f"drop: {row['bits_per_token_at_256']} bits ({row['codes_per_token_at_256']:,} codes) a token at "
+                  "256 tokens" + "".join(f"; ideal drop at {k}: {v} dB" for k, v in row.get("ideal_drop_db", {}).items()))
             continue
         orig = row["original_psnr_db"] if row["original_psnr_db"] is not None else row["original_iou"]
         decoded = row["decoded_psnr_db"] if row["decoded_psnr_db"] is not None else row["decoded_iou"]
@@ -238,6 +298,8 @@ def main():
     parser.add_argument("--test-fraction", type=float, default=0.1, help="held-out share of the fields")
     parser.add_argument("--ae-epochs", type=int, default=5, help="autoencoder epochs (0 skips `learned`)")
     parser.add_argument("--bound-fields", type=int, default=8, help="fields for the ideal-coder bound (0 skips it)")
+    parser.add_argument("--metric-fields", type=int, default=100,
+                        help="training fields whose Jacobians average into the fixed-code bound's metric (0 skips it)")
     parser.add_argument("--throughput-fields", type=int, default=5000, help="fields encoded for the throughput")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the issue's budget: 2 cores)")
     args = parser.parse_args()
