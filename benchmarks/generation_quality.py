@@ -23,7 +23,11 @@ spreads by 1.3-2.7 points), and ``--samples-only`` writes nothing but those rows
 the learned and code strategies, whether their autoencoder generalises: it fits the held-out items too (only for
 this) and prints the reconstruction IoU (shapes) or PSNR (images) of training and of held-out fields, beside each
 held-out field's most alike training field (`Run.reconstruction_row`; a table and one ``"bench":
-"reconstruction"`` JSON line each). Every generator row: MMD,
+"reconstruction"`` JSON line each). ``--tune-decoders`` (code strategy) tunes a copy of the code VAE's decoders to
+NefGPT's own draws at the first top-k and ``--prior-temperature`` (`Run.tune_decoders`: the cycle term and, with
+``--mmd-weight`` 1 by default, the realism term; RESULTS.md sessions 16-18) into the generation folder
+OUT/code/tuned, then scores each draw's codes through them too (``code-tuned`` rows: the same codes, other
+decoders; the pipeline samples through them from that folder). Every generator row: MMD,
 COV, 1-NNA against the held-out test items, the Fréchet distance on a classifier trained on the training split,
 the memorisation ratio (median nearest-training distance of samples / of held-out real items), for rows drawn as
 learned latents the latent NN ratio (the same in the autoencoder's latent space, the training set leave-one-out as
@@ -128,10 +132,55 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reconstruction", action="store_true",
                         help="learned / code strategies: also fit the held-out items and report the autoencoder's "
                              "reconstruction of training vs held-out fields (does it generalise?)")
+    tune = parser.add_argument_group("code strategy: decoders tuned to NefGPT's draws (`Run.tune_decoders`)")
+    tune.add_argument("--tune-decoders", action="store_true",
+                      help="also tune a copy of the code VAE's decoders to NefGPT's draws (OUT/code/<--tuned-name>, a "
+                           "generation folder) and score every draw through them too (rows code-<name>: the same "
+                           "codes, other decoders)")
+    tune.add_argument("--prior-codes", type=int, default=10_000, help="NefGPT draws the decoders are tuned to")
+    tune.add_argument("--prior-temperature", type=float, default=None,
+                      help="NefGPT's temperature for those draws (default: the first --temperature; top-k: the first "
+                           "--top-k)")
+    tune.add_argument("--tune-epochs", type=int, default=20, help="passes over the training fields")
+    tune.add_argument("--cycle-weight", type=float, default=0.1, help="the cycle term's weight")
+    tune.add_argument("--mmd-weight", type=float, default=1.0,
+                      help="the realism term's weight: the MMD between the prior's decoded fields and the training "
+                           "fields (0: the cycle term alone)")
+    tune.add_argument("--tune-lr", type=float, default=1e-4)
+    tune.add_argument("--tune-batch-size", type=int, default=16)
+    tune.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning's batches and posterior draws")
+    tune.add_argument("--tuned-name", default="tuned",
+                      help="folder under OUT/code for the tuned generator (another name keeps several side by side)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
     return parser
+
+
+def check_tuning_args(parser, args) -> None:
+    """Refuse tuning options no tuning could take, before any stage runs."""
+    if args.prior_codes < 1:
+        parser.error(f"--prior-codes must be >= 1, got {args.prior_codes}")
+    if args.tune_epochs < 1 or args.tune_batch_size < 1 or not args.tune_lr > 0:
+        parser.error(f"--tune-epochs and --tune-batch-size must be >= 1 and --tune-lr > 0, got {args.tune_epochs}, "
+                     f"{args.tune_batch_size} and {args.tune_lr}")
+    if not args.cycle_weight >= 0 or not args.mmd_weight >= 0:
+        parser.error(f"--cycle-weight and --mmd-weight must be >= 0, got {args.cycle_weight} and {args.mmd_weight}")
+
+
+def decoder_tuning(args):
+    """The `DecoderTuning` of parsed options, and its prior's ``(top_k, temperature)``."""
+    from nef_transformers.experiment import DecoderTuning
+
+    tuning = DecoderTuning(prior_codes=args.prior_codes, epochs=args.tune_epochs, cycle_weight=args.cycle_weight,
+                           mmd_weight=args.mmd_weight, lr=args.tune_lr, batch_size=args.tune_batch_size,
+                           seed=args.tune_seed)
+    return tuning, args.top_k[0], args.prior_temperature or args.temperature[0]
+
+
+def tuned_row_name(name: str) -> str:
+    """The rows of a tuned generator: ``code-tuned`` for the default folder, else ``code-<name>``."""
+    return "code-tuned" if name == "tuned" else f"code-{name}"
 
 
 def run_config(args):
@@ -160,13 +209,16 @@ def main(argv=None) -> list[dict]:
     args.skip_baselines = args.skip_baselines or args.samples_only
     if args.code_mixture < 0:
         parser.error(f"--code-mixture must be >= 0 (0: no mixture-code rows), got {args.code_mixture}")
+    if args.tune_decoders:
+        check_tuning_args(parser, args)
     if args.quick:
         args.num_items = args.num_items or QUICK["num_items"]
         args.epochs, args.vq_steps = QUICK["epochs"], QUICK["vq_steps"]
 
     import torch
 
-    from nef_transformers.experiment import Run, figure_row, metrics_table, save_samples_figure, seed_means
+    from nef_transformers.experiment import (Run, decode_codes, figure_row, metrics_table, save_samples_figure,
+                                             seed_means)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -209,28 +261,38 @@ def main(argv=None) -> list[dict]:
             rows += run.code_rows()
             if args.code_mixture:
                 rows += [run.code_mixture_row(seed, args.code_mixture) for seed in args.sample_seeds]
-        drawn, first = [], {}  # this strategy's generator rows; the weights of each setting's first draw
+        tuned = None  # the code strategy's decoders tuned to NefGPT's draws, when asked
+        if strategy == "code" and args.tune_decoders:
+            t0 = time.perf_counter()
+            tuning, prior_top_k, prior_temperature = decoder_tuning(args)
+            tuned = run.tuned_code_vae(run.tune_decoders(prior_top_k, prior_temperature, tuning, args.tuned_name))
+            timings["tune_decoders"] = time.perf_counter() - t0
+        drawn, first = {}, {}  # each generator's rows; the weights of each (generator, setting)'s first draw
         for top_k, temperature, seed in itertools.product(args.top_k, args.temperature, args.sample_seeds):
             t0 = time.perf_counter()
             weights, sequences = run.sample(strategy, top_k=top_k, temperature=temperature, seed=seed,
                                             return_sequences=True)
             sample_s = time.perf_counter() - t0
-            row = run.evaluate_weights(weights, strategy, {"top_k": top_k, "temperature": temperature, "seed": seed,
-                                                           "sample_s": round(sample_s, 1)},
-                                       latents=run.sequence_latents(strategy, sequences))
-            rows.append(row)
-            drawn.append(row)
-            if row["one_nna"] is not None:
-                first.setdefault((top_k, temperature), weights)
-        # the setting with the best mean 1-NNA, by its first draw (its best draw would flatter it)
-        row = figure_row(drawn)
-        if row is not None:
-            setting = (row["top_k"], row["temperature"])
-            mean = [r for r in seed_means(drawn) if (r["top_k"], r["temperature"]) == setting]
-            title = (f"{strategy}, top-k {row['top_k']}, T {row['temperature']:g}, seed {row['seed']}: "
-                     f"1-NNA {row['one_nna']:.1%}, COV {row['cov']:.1%}"
-                     + (f" (mean of {len(mean[0]['seeds'])} draws: {mean[0]['one_nna']:.1%})" if mean else ""))
-            save_samples_figure(run, first[setting], out / f"samples_{strategy}{suffix}.png", title=title)
+            setting = {"top_k": top_k, "temperature": temperature, "seed": seed, "sample_s": round(sample_s, 1)}
+            generators = [(strategy, weights, run.sequence_latents(strategy, sequences))]
+            if tuned is not None:  # the same codes through the tuned decoders: a paired comparison
+                generators.append((tuned_row_name(args.tuned_name), *decode_codes(tuned, sequences)))
+            for name, generated, latents in generators:
+                row = run.evaluate_weights(generated, name, setting, latents=latents)
+                rows.append(row)
+                drawn.setdefault(name, []).append(row)
+                if row["one_nna"] is not None:
+                    first.setdefault((name, top_k, temperature), generated)
+        for name, generator_rows in drawn.items():
+            # the setting with the best mean 1-NNA, by its first draw (its best draw would flatter it)
+            row = figure_row(generator_rows)
+            if row is not None:
+                setting = (row["top_k"], row["temperature"])
+                mean = [r for r in seed_means(generator_rows) if (r["top_k"], r["temperature"]) == setting]
+                title = (f"{name}, top-k {row['top_k']}, T {row['temperature']:g}, seed {row['seed']}: "
+                         f"1-NNA {row['one_nna']:.1%}, COV {row['cov']:.1%}"
+                         + (f" (mean of {len(mean[0]['seeds'])} draws: {mean[0]['one_nna']:.1%})" if mean else ""))
+                save_samples_figure(run, first[(name, *setting)], out / f"samples_{name}{suffix}.png", title=title)
 
     rows += seed_means(rows)  # with --sample-seeds: each setting's mean over the draws, ± its standard error
     table = metrics_table(rows)

@@ -12,6 +12,8 @@ Folder layout (``OUT``)::
     {strategy}/tokenization/    `train_tokenizer` output (tokenizer/, dataset/, tokenize.json)
     {strategy}/model/           the trained NefGPT: pipeline("neural-field-generation", model=...) loads it
     {strategy}/samples/k{K}_t{T}.safetensors   generated weights of one sampling setting
+    code/tuned/                 the code strategy's generator with decoders tuned to NefGPT's draws, only when asked
+                                (`Run.tune_decoders`; a generation folder like code/model)
 
 Each stage is skipped when its output is complete, and every output is written to a temporary name then
 renamed, so Ctrl-C leaves either nothing or a finished stage; training resumes from its last checkpoint.
@@ -159,6 +161,32 @@ class RunConfig:
         """The settings that make outputs incomparable when they change (run.json)."""
         return {"source": str(self.source), "num_items": self.num_items, "test_fraction": self.test_fraction,
                 "split_seed": self.split_seed, "fit_steps": self.fit_steps, "fit_batch_size": self.fit_batch_size}
+
+
+PRIOR_SEED = 10_000  # `Run.tune_decoders` draws its prior codes with seeds from here up: never an evaluation seed
+
+
+@dataclass
+class DecoderTuning:
+    """Settings of `Run.tune_decoders` (`tune_decoder_to_prior`'s; the defaults are session 17's chair run)."""
+
+    prior_codes: int = 10_000  # NefGPT draws the decoders are tuned to
+    epochs: int = 20  # passes over the training fields
+    cycle_weight: float = 0.1
+    mmd_weight: float = 1.0  # the realism term (0: the cycle term alone, session 16)
+    lr: float = 1e-4
+    batch_size: int = 16
+    seed: int = 0  # the tuning's batches and posterior draws
+
+    def __post_init__(self):
+        if self.prior_codes < 1:
+            raise ValueError(f"prior_codes must be >= 1, got {self.prior_codes}")
+
+    def settings(self, top_k: int | None, temperature: float) -> dict:
+        """What tune.json records and a reuse compares: every setting, the prior's top-k and temperature too."""
+        return {"prior_codes": self.prior_codes, "top_k": top_k, "temperature": temperature, "epochs": self.epochs,
+                "cycle_weight": self.cycle_weight, "mmd_weight": self.mmd_weight, "lr": self.lr,
+                "batch_size": self.batch_size, "seed": self.seed}
 
 
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
@@ -775,6 +803,78 @@ class Run:
             os.replace(tmp, path)
         return (cached["weights"], cached["sequences"]) if return_sequences else cached["weights"]
 
+    def tune_decoders(self, top_k: int | None, temperature: float, tuning: DecoderTuning | None = None,
+                      name: str = "tuned") -> Path:
+        """The code strategy's generator with decoders tuned to NefGPT's own draws (OUT/code/{name}): NefGPT's
+        ``tuning.prior_codes`` codes at ``top_k`` / ``temperature`` (seeds from `PRIOR_SEED` up, never an
+        evaluation seed), then `tune_decoder_to_prior` on a copy of the code VAE (the cycle and realism terms;
+        the encoders stay fixed, so NefGPT's codes stay valid; RESULTS.md sessions 16 and 17).
+
+        The folder is a generation folder like OUT/code/model, NefGPT's files with the tuned VAE as its
+        ``tokenizer/``, so ``pipeline("neural-field-generation", model=folder)`` samples through the tuned decoders;
+        ``tune.json`` keeps the settings and each epoch's terms. A folder tuned with other settings is refused.
+        """
+        from .data.metadata import get_source_info, get_spec, weights_tensor
+        from .pipelines.neural_field_generation import load_generation_folder
+        from .tokenization.code import tune_decoder_to_prior
+        from .tokenization.train import SHAPE_AUTOENCODER_POINTS, SHAPE_AUTOENCODER_POOL, field_coords
+
+        tuning = tuning or DecoderTuning()
+        settings = tuning.settings(top_k, temperature)
+        folder = self.strategy_dir("code") / name
+        if (folder / "tune.json").is_file():
+            _check_cached(folder, json.loads((folder / "tune.json").read_text(encoding="utf-8"))["settings"], settings)
+            if not (folder / "tokenizer").is_dir():
+                raise RunMismatchError(f"{folder} holds tuned decoders in the layout of an older tune_decoder.py (the "
+                                       "VAE at its root, no NefGPT): delete it or choose another name")
+            return folder
+        model_dir = self.train("code")
+        model, _ = load_generation_folder(model_dir)
+        model.to(self.device).eval()
+        with torch.no_grad():
+            prior = torch.cat([model.sample(num_samples=min(1000, tuning.prior_codes - start), temperature=temperature,
+                                            top_k=top_k, seed=PRIOR_SEED + start).float().cpu()
+                               for start in range(0, tuning.prior_codes, 1000)])
+        fields = self.fit()
+        spec, source = get_spec(fields), get_source_info(fields)
+        occupancy = source.get("kind") == "occupancy"
+        coords = field_coords(source, spec, num_points=SHAPE_AUTOENCODER_POOL if occupancy else 4096)
+        tuned = self.code_vae().cpu()
+        history = tune_decoder_to_prior(tuned, weights_tensor(fields).float(), prior, coords, epochs=tuning.epochs,
+                                        cycle_weight=tuning.cycle_weight, lr=tuning.lr, batch_size=tuning.batch_size,
+                                        mmd_weight=tuning.mmd_weight, seed=tuning.seed, progress=self.progress,
+                                        points_per_step=SHAPE_AUTOENCODER_POINTS if occupancy else None)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for file in model_dir.iterdir():  # NefGPT itself, unchanged
+            if file.is_file() and file.name in ("config.json", "model.safetensors", "generation_config.json"):
+                shutil.copy2(file, tmp / file.name)
+        tuned.save_pretrained(tmp / "tokenizer")
+        if (model_dir / "README.md").is_file():  # NefGPT's card, and what differs here
+            card = (model_dir / "README.md").read_text(encoding="utf-8").rstrip("\n")
+            terms = f"{tuning.cycle_weight:g} × the cycle term" + (
+                f" and {tuning.mmd_weight:g} × the realism term (the MMD between the draws' decoded fields and the "
+                "training fields)" if tuning.mmd_weight else "")
+            card += (f"\n\n## Decoders tuned to this model's draws\n\nThe `tokenizer/` here is the code VAE NefGPT "
+                     f"was trained over, its decoders fine-tuned (`nef_transformers.tokenization.code."
+                     f"tune_decoder_to_prior`, {tuning.epochs} epochs) to {tuning.prior_codes:,} of NefGPT's own draws "
+                     f"(top-k {top_k}, temperature {temperature:g}): the training fields' reconstruction plus {terms}. "
+                     "NefGPT's weights and the VAE's encoders are unchanged, so the codes it samples mean what they "
+                     "meant in training. The settings and each epoch's terms: `tune.json`.\n")
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "tune.json").write_text(json.dumps({"settings": settings, "history": history}, indent=2),
+                                       encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        return folder
+
+    def tuned_code_vae(self, folder: Path):
+        """The tuned `NefCodeVAE` of a `tune_decoders` folder, on the run's device."""
+        from .tokenization.code import NefCodeVAE
+
+        return NefCodeVAE.from_pretrained(Path(folder) / "tokenizer").to(self.device).eval()
+
     # -------------------------------------------------------------------------------------- evaluation
     def evaluate_weights(self, weights: torch.Tensor, name: str, extra: dict | None = None,
                          latents: torch.Tensor | None = None) -> dict:
@@ -889,11 +989,10 @@ class Run:
         with torch.no_grad():
             codes = {"code-train": torch.cat([vae.encode(part.to(self.device)).cpu() for part in oracle.split(256)]),
                      "gaussian-code": torch.randn(len(oracle), vae.num_tokens, vae.chunk_width, generator=generator)}
-            rows = []
-            for name, code in codes.items():
-                latents = vae.decode_latents(code.to(self.device))
-                weights = vae.autoencoder.decode(latents).float().cpu()
-                rows.append(self.evaluate_weights(weights, name, latents=latents.cpu()))
+        rows = []
+        for name, code in codes.items():
+            weights, latents = decode_codes(vae, code)
+            rows.append(self.evaluate_weights(weights, name, latents=latents))
         return rows
 
     def code_mixture_row(self, seed: int = 0, components: int = 8) -> dict:
@@ -920,11 +1019,9 @@ class Run:
         mixture = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=seed).fit(codes)
         count = len(self.split()[1])
         drawn = torch.as_tensor(mixture.sample(count)[0], dtype=torch.float32)
-        with torch.no_grad():
-            latents = vae.decode_latents(drawn.view(count, vae.num_tokens, vae.chunk_width).to(self.device))
-            weights = vae.autoencoder.decode(latents).float().cpu()
+        weights, latents = decode_codes(vae, drawn.view(count, vae.num_tokens, vae.chunk_width))
         return self.evaluate_weights(weights, "mixture-code", {"components": components, "seed": seed},
-                                     latents=latents.cpu())
+                                     latents=latents)
 
     def _autoencoder(self):
         """The learned strategy's trained `NefAutoencoder` (tokenizing first if needed), on the run's device."""
@@ -985,6 +1082,15 @@ METRIC_COLUMNS = (("mmd", "MMD ↓", "{:.4g}"), ("cov", "COV ↑", "{:.1%}"), ("
                   ("fd", "Fréchet ↓", "{:.3g}"), ("memorisation_ratio", "mem. ratio", "{:.2f}"),
                   ("latent_nn_ratio", "latent NN ratio", "{:.2f}"),
                   ("recognised", "recognised", "{:.1%}"), ("class_spread", "class spread", "{:.2f}"))
+
+
+def decode_codes(vae, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights, latents)`` on the CPU of a `NefCodeVAE`'s ``codes (n, t, w)`` (e.g. NefGPT's sampled sequences):
+    the learned strategy's latents its decoders give, and the fields' weights the autoencoder decodes them to."""
+    device = next(vae.parameters()).device
+    with torch.no_grad():
+        latents = vae.decode_latents(codes.to(device))
+        return vae.autoencoder.decode(latents).float().cpu(), latents.cpu()
 
 
 def generator_setting(row: dict) -> tuple:

@@ -406,6 +406,44 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert full_sequences.shape == (8, 8, 4) and torch.isfinite(full_weights).all()
     with torch.no_grad():
         assert torch.allclose(vae.decode(full_sequences), full_weights, atol=1e-5)
+    # decoders tuned to NefGPT's own draws: a generation folder of the same NefGPT with the tuned VAE as its
+    # tokenizer; the encoders stay, only the decoders move; the pipeline samples the same codes through them
+    from nef_transformers.data.metadata import weights_tensor
+    from nef_transformers.experiment import DecoderTuning, decode_codes
+    from nef_transformers.tokenization.code import decoder_parameters
+    from nef_transformers.pipelines.neural_field_generation import generate_weights
+
+    tuning = DecoderTuning(prior_codes=12, epochs=2, batch_size=8, lr=1e-3)
+    folder = full.tune_decoders(3, 1.0, tuning)
+    assert folder == out / "code" / "tuned"
+    saved = json.loads((folder / "tune.json").read_text())
+    assert saved["settings"] == tuning.settings(3, 1.0) and saved["settings"]["mmd_weight"] == 1.0
+    assert len(saved["history"]["reconstruction"]) == len(saved["history"]["mmd"]) == 2
+    card = (folder / "README.md").read_text()
+    assert card.startswith((out / "code" / "model" / "README.md").read_text().rstrip("\n"))  # NefGPT's card, then:
+    assert "12 of NefGPT's own draws (top-k 3, temperature 1)" in card and "1 × the realism term" in card
+    tuned_model, tuned = load_generation_folder(folder)
+    untuned = full.code_vae()
+    training = weights_tensor(full.fit())
+    with torch.no_grad():  # the training fields' codes, on which NefGPT was trained, stay as they were
+        assert torch.equal(tuned.encode(training), untuned.encode(training))
+    assert any(not torch.equal(a, b) for a, b in zip(decoder_parameters(tuned), decoder_parameters(untuned)))
+    model, untuned_folder_vae = load_generation_folder(full.train())
+    assert all(torch.equal(a, b) for a, b in zip(tuned_model.parameters(), model.parameters()))
+    draw = dict(top_k=3, temperature=1.0, seed=0, progress=False, return_sequences=True)
+    piped, piped_sequences = generate_weights(tuned_model, tuned, 8, **draw)
+    plain, plain_sequences = generate_weights(model, untuned_folder_vae, 8, **draw)
+    assert torch.equal(piped_sequences, plain_sequences)  # NefGPT's codes: unchanged by the tuning
+    through_tuned, _ = decode_codes(full.tuned_code_vae(folder), piped_sequences)
+    assert torch.allclose(piped, through_tuned, atol=1e-5) and not torch.allclose(piped, plain, atol=1e-3)
+    stamp = (folder / "tune.json").stat().st_mtime_ns
+    assert full.tune_decoders(3, 1.0, tuning) == folder and (folder / "tune.json").stat().st_mtime_ns == stamp
+    with pytest.raises(RunMismatchError, match="mmd_weight: 1.0 there, 0.0 asked"):  # the cycle term alone
+        full.tune_decoders(3, 1.0, DecoderTuning(prior_codes=12, epochs=2, batch_size=8, lr=1e-3, mmd_weight=0.0))
+    with pytest.raises(RunMismatchError, match="temperature: 1.0 there, 1.3 asked"):
+        full.tune_decoders(3, 1.3, tuning)
+    with pytest.raises(ValueError, match="prior_codes must be >= 1, got 0"):
+        DecoderTuning(prior_codes=0)
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
     # the MSE and 64 fields per step
     info_file = out / "learned" / "tokenization" / "tokenize.json"
