@@ -29,6 +29,23 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def benchmark_script():
+    """``load(name)``: the module of ``benchmarks/<name>.py`` (the scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 @pytest.fixture
 def accelerate_launch():
     """Run ``accelerate launch --multi_gpu --num_processes 2 ... <args>`` on CPU: each launch on a free port of its

@@ -1,23 +1,11 @@
 """benchmarks/code_prior.py: the code draws (the decoder's metric is tested with the package, in
 test_tokenization_code.py)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "code_prior.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("code_prior", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_codes_come_from_the_mixture_fitted_to_the_training_codes():
-    code_prior = load_script()
+def test_codes_come_from_the_mixture_fitted_to_the_training_codes(benchmark_script):
+    code_prior = benchmark_script("code_prior")
 
     class Encoder(torch.nn.Sequential):  # codes = the inputs, posterior spread 0: the training codes are y itself
         def __init__(self):

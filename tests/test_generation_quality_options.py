@@ -1,23 +1,11 @@
 """benchmarks/generation_quality.py and tune_decoder.py: the decoder-tuning options (`Run.tune_decoders` is tested
 end to end in test_quickstart.py)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
-
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_tuning_takes_the_first_sampling_setting_and_the_realism_term_by_default():
-    gq = load("generation_quality")
+def test_the_tuning_takes_the_first_sampling_setting_and_the_realism_term_by_default(benchmark_script):
+    gq = benchmark_script("generation_quality")
     args = gq.build_parser().parse_args(["--strategies", "code", "--tune-decoders", "--top-k", "64", "8",
                                          "--temperature", "1.3", "1.0"])
     tuning, top_k, temperature = gq.decoder_tuning(args)
@@ -29,7 +17,7 @@ def test_the_tuning_takes_the_first_sampling_setting_and_the_realism_term_by_def
     assert temperature == 1.0 and tuning.mmd_weight == 3.0 and tuning.seed == 1
     assert gq.tuned_row_name("tuned") == "code-tuned" and gq.tuned_row_name("tuned_mmd3") == "code-tuned_mmd3"
     # tune_decoder.py keeps session 16's default, the cycle term alone, so its recorded commands reproduce
-    args = load("tune_decoder").build_parser().parse_args(["--top-k", "64"])
+    args = benchmark_script("tune_decoder").build_parser().parse_args(["--top-k", "64"])
     assert gq.decoder_tuning(args)[0].mmd_weight == 0.0
 
 
@@ -39,11 +27,11 @@ def test_the_tuning_takes_the_first_sampling_setting_and_the_realism_term_by_def
     (["--tune-lr", "0"], "--tune-lr > 0, got 20, 16 and 0.0"),
     (["--mmd-weight", "-1"], "--cycle-weight and --mmd-weight must be >= 0, got 0.1 and -1.0"),
 ])
-def test_bad_tuning_options_are_refused_before_any_stage(options, message, capsys):
-    gq = load("generation_quality")
+def test_bad_tuning_options_are_refused_before_any_stage(options, message, capsys, benchmark_script):
+    gq = benchmark_script("generation_quality")
     with pytest.raises(SystemExit):
         gq.main(["--out", "/nonexistent/never-written", "--strategies", "code", "--tune-decoders", *options])
     assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        load("tune_decoder").main(["--out", "/nonexistent/never-written", *options])
+        benchmark_script("tune_decoder").main(["--out", "/nonexistent/never-written", *options])
     assert message in capsys.readouterr().err

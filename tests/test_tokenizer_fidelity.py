@@ -1,25 +1,14 @@
 """benchmarks/tokenizer_fidelity.py: the rate-distortion arithmetic behind its two bounds."""
 
-import importlib.util
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer_fidelity.py"
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("tokenizer_fidelity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_water_filling_matches_the_closed_forms():
-    bench = load_script()
+def test_water_filling_matches_the_closed_forms(benchmark_script):
+    bench = benchmark_script("tokenizer_fidelity")
     # equal variances 1, summed error 0.4: the level is 0.1 on each of 4 directions, ½·log2(10) bits each
     bits, error = bench.water_fill(torch.ones(4), distortion=0.4)
     assert bits == pytest.approx(4 * 0.5 * math.log2(10), rel=1e-6) and error == pytest.approx(0.4, rel=1e-6)
@@ -31,8 +20,8 @@ def test_water_filling_matches_the_closed_forms():
     assert bits == pytest.approx(0.5 * (math.log2(900) + math.log2(400) + math.log2(100)), rel=1e-6)
 
 
-def test_water_filling_round_trips_and_refuses_an_unclear_target():
-    bench = load_script()
+def test_water_filling_round_trips_and_refuses_an_unclear_target(benchmark_script):
+    bench = benchmark_script("tokenizer_fidelity")
     power = torch.rand(50, generator=torch.Generator().manual_seed(0)) ** 4
     for target in (1e-3, 0.05, 1.0):
         bits, error = bench.water_fill(power, distortion=target)
@@ -44,10 +33,10 @@ def test_water_filling_round_trips_and_refuses_an_unclear_target():
         bench.water_fill(power, distortion=1.0, bits=3.0)
 
 
-def test_fixed_code_bound_pays_one_bit_per_direction_when_the_spread_doubles():
+def test_fixed_code_bound_pays_one_bit_per_direction_when_the_spread_doubles(benchmark_script):
     from nef_transformers.fields import SirenSpec, siren_init
 
-    bench = load_script()
+    bench = benchmark_script("tokenizer_fidelity")
     spec = SirenSpec(in_dim=2, out_dim=1, hidden_dim=3, num_layers=2)  # 9 + 4 = 13 weights
     generator = torch.Generator().manual_seed(0)
     init = siren_init(spec, 1, generator=generator)
