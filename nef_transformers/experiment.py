@@ -189,6 +189,19 @@ class DecoderTuning:
                 "batch_size": self.batch_size, "seed": self.seed}
 
 
+def file_digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes (None when there is no file): which model drew a cached sample."""
+    import hashlib
+
+    if not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _atomic_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
@@ -780,6 +793,7 @@ class Run:
                num_samples: int | None = None, seed: int = 0, return_sequences: bool = False):
         """Generated weights ``(num_samples, p)`` (default: as many as test items), cached per setting; with
         ``return_sequences``, ``(weights, sequences)``: also what NefGPT sampled (the learned strategy's latents)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         from .pipelines.neural_field_generation import generate_weights, load_generation_folder
@@ -790,6 +804,12 @@ class Run:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"k{top_k or 0}_t{temperature:g}_n{num_samples}_s{seed}.safetensors"
         cached = load_file(path) if path.is_file() else {}
+        if cached:  # drawn from the model that is there now? (a model trained again draws other samples)
+            with safe_open(path, "pt") as saved:
+                drawn_by = (saved.metadata() or {}).get("model_sha256")
+            current = file_digest(self.strategy_dir(strategy) / "model" / "model.safetensors")
+            if current is None or drawn_by not in (None, current):  # older files name no model: kept
+                cached = {}
         if "weights" not in cached or (return_sequences and "sequences" not in cached):  # older files: weights only
             model_dir = self.train(strategy)
             model, tokenization = load_generation_folder(model_dir)
@@ -799,7 +819,7 @@ class Run:
                                                   return_sequences=True)
             cached = {"weights": weights.contiguous(), "sequences": sequences.contiguous()}
             tmp = path.with_name(path.name + ".tmp")
-            save_file(cached, str(tmp))
+            save_file(cached, str(tmp), metadata={"model_sha256": file_digest(model_dir / "model.safetensors")})
             os.replace(tmp, path)
         return (cached["weights"], cached["sequences"]) if return_sequences else cached["weights"]
 
@@ -827,6 +847,10 @@ class Run:
             if not (folder / "tokenizer").is_dir():
                 raise RunMismatchError(f"{folder} holds tuned decoders in the layout of an older tune_decoder.py (the "
                                        "VAE at its root, no NefGPT): delete it or choose another name")
+            if file_digest(folder / "model.safetensors") != file_digest(self.train("code") / "model.safetensors"):
+                raise RunMismatchError(f"{folder} was tuned to the draws of another NefGPT than the one in "
+                                       f"{self.strategy_dir('code') / 'model'} (trained again since?): delete it or "
+                                       "choose another name")
             return folder
         model_dir = self.train("code")
         model, _ = load_generation_folder(model_dir)

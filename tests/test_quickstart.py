@@ -404,6 +404,8 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert json.loads(config_file.read_text())["mixture_covariance"] == "full"
     full_weights, full_sequences = full.sample(top_k=3, temperature=1.0, return_sequences=True)
     assert full_sequences.shape == (8, 8, 4) and torch.isfinite(full_weights).all()
+    # the samples cached for this setting were the diagonal model's: a model trained again draws them anew
+    assert not torch.equal(full_sequences, sequences)
     with torch.no_grad():
         assert torch.allclose(vae.decode(full_sequences), full_weights, atol=1e-5)
     # decoders tuned to NefGPT's own draws: a generation folder of the same NefGPT with the tuned VAE as its
@@ -434,6 +436,7 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     piped, piped_sequences = generate_weights(tuned_model, tuned, 8, **draw)
     plain, plain_sequences = generate_weights(model, untuned_folder_vae, 8, **draw)
     assert torch.equal(piped_sequences, plain_sequences)  # NefGPT's codes: unchanged by the tuning
+    assert torch.equal(plain_sequences, full_sequences)  # and the cached samples are this model's draws
     through_tuned, _ = decode_codes(full.tuned_code_vae(folder), piped_sequences)
     assert torch.allclose(piped, through_tuned, atol=1e-5) and not torch.allclose(piped, plain, atol=1e-3)
     stamp = (folder / "tune.json").stat().st_mtime_ns
@@ -442,6 +445,16 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         full.tune_decoders(3, 1.0, DecoderTuning(prior_codes=12, epochs=2, batch_size=8, lr=1e-3, mmd_weight=0.0))
     with pytest.raises(RunMismatchError, match="temperature: 1.0 there, 1.3 asked"):
         full.tune_decoders(3, 1.3, tuning)
+    # NefGPT trained again (here: its weights changed in place): decoders tuned to the old one's draws are refused
+    model_file = out / "code" / "model" / "model.safetensors"
+    original_model = model_file.read_bytes()
+    from safetensors.torch import load_file as load_tensors, save_file as save_tensors
+
+    save_tensors({k: v * 1.01 for k, v in load_tensors(model_file).items()}, str(model_file), metadata={"format": "pt"})
+    with pytest.raises(RunMismatchError, match="tuned to the draws of another NefGPT"):
+        full.tune_decoders(3, 1.0, tuning)
+    model_file.write_bytes(original_model)
+    assert full.tune_decoders(3, 1.0, tuning) == folder
     with pytest.raises(ValueError, match="prior_codes must be >= 1, got 0"):
         DecoderTuning(prior_codes=0)
     # the autoencoder's loss and batch are part of its settings; folders written before they were recorded meant
