@@ -863,7 +863,7 @@ class Run:
         spec, source = get_spec(fields), get_source_info(fields)
         occupancy = source.get("kind") == "occupancy"
         coords = field_coords(source, spec, num_points=SHAPE_AUTOENCODER_POOL if occupancy else 4096)
-        tuned = self.code_vae().cpu()
+        tuned = self.code_vae()  # on the run's device
         history = tune_decoder_to_prior(tuned, weights_tensor(fields).float(), prior, coords, epochs=tuning.epochs,
                                         cycle_weight=tuning.cycle_weight, lr=tuning.lr, batch_size=tuning.batch_size,
                                         mmd_weight=tuning.mmd_weight, seed=tuning.seed, progress=self.progress,
@@ -874,7 +874,7 @@ class Run:
         for file in model_dir.iterdir():  # NefGPT itself, unchanged
             if file.is_file() and file.name in ("config.json", "model.safetensors", "generation_config.json"):
                 shutil.copy2(file, tmp / file.name)
-        tuned.save_pretrained(tmp / "tokenizer")
+        tuned.cpu().save_pretrained(tmp / "tokenizer")
         if (model_dir / "README.md").is_file():  # NefGPT's card, and what differs here
             card = (model_dir / "README.md").read_text(encoding="utf-8").rstrip("\n")
             terms = f"{tuning.cycle_weight:g} × the cycle term" + (

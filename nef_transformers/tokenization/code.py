@@ -476,7 +476,8 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
                          f"{tuple(coords.shape)}")
     if points_per_step is not None and not 1 <= points_per_step <= len(coords):
         raise ValueError(f"points_per_step must be in [1, {len(coords)}] (the coordinate pool), got {points_per_step}")
-    weights, coords = weights.float(), coords.float()
+    device = next(model.parameters()).device  # the model's device; the seeded draws stay on the CPU's generator
+    weights, coords, prior_codes = weights.float().to(device), coords.float().to(device), prior_codes.to(device)
     model.eval()  # no dropout anywhere; the encoders stay fixed
     with torch.no_grad():
         y = torch.cat([model.to_coordinates(model.autoencoder.encode(part)) for part in weights.split(256)])
@@ -503,7 +504,7 @@ def tune_decoder_to_prior(model: NefCodeVAE, weights: torch.Tensor, prior_codes:
                 rows = order[start:start + batch_size]
                 if len(rows) < 2 and mmd_weight > 0:  # one field left over has no MMD: skipped this epoch (the
                     continue                            # order is drawn afresh each epoch)
-                code = mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator)
+                code = mean[rows] + std[rows] * torch.randn(mean[rows].shape, generator=generator).to(device)
                 points = coords if points_per_step is None else \
                     coords[torch.randperm(len(coords), generator=generator)[:points_per_step]]
                 with torch.no_grad():
