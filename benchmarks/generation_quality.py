@@ -210,6 +210,9 @@ def main(argv=None) -> list[dict]:
     if args.code_mixture < 0:
         parser.error(f"--code-mixture must be >= 0 (0: no mixture-code rows), got {args.code_mixture}")
     if args.tune_decoders:
+        if "code" not in args.strategies:
+            parser.error(f"--tune-decoders tunes the code strategy's decoders: add code to --strategies (got "
+                         f"{' '.join(args.strategies)})")
         check_tuning_args(parser, args)
     if args.quick:
         args.num_items = args.num_items or QUICK["num_items"]

@@ -35,3 +35,11 @@ def test_bad_tuning_options_are_refused_before_any_stage(options, message, capsy
     with pytest.raises(SystemExit):
         benchmark_script("tune_decoder").main(["--out", "/nonexistent/never-written", *options])
     assert message in capsys.readouterr().err
+
+
+def test_tuning_without_the_code_strategy_is_refused(benchmark_script, capsys):
+    with pytest.raises(SystemExit):
+        benchmark_script("generation_quality").main(["--out", "/nonexistent/never-written", "--strategies", "learned",
+                                                     "--tune-decoders"])
+    assert "--tune-decoders tunes the code strategy's decoders: add code to --strategies (got learned)" in \
+        capsys.readouterr().err
