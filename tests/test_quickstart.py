@@ -439,6 +439,11 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert torch.equal(plain_sequences, full_sequences)  # and the cached samples are this model's draws
     through_tuned, _ = decode_codes(full.tuned_code_vae(folder), piped_sequences)
     assert torch.allclose(piped, through_tuned, atol=1e-5) and not torch.allclose(piped, plain, atol=1e-3)
+    from transformers import pipeline
+
+    pipe = pipeline("neural-field-generation", model=str(folder))  # the folder as users load it
+    fields = pipe(num_samples=8, top_k=3, temperature=1.0, seed=0, output_type="weights")
+    assert torch.equal(torch.stack([field["weights"] for field in fields]), piped)
     stamp = (folder / "tune.json").stat().st_mtime_ns
     assert full.tune_decoders(3, 1.0, tuning) == folder and (folder / "tune.json").stat().st_mtime_ns == stamp
     with pytest.raises(RunMismatchError, match="mmd_weight: 1.0 there, 0.0 asked"):  # the cycle term alone
