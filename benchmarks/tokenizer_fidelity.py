@@ -278,7 +278,8 @@ def print_table(rows):
         if row["strategy"].endswith("bound"):
             print(f"{row['source']:<8} {row['strategy']:<22} needs {row['bits_for_1db_drop']} bits/field for a 1 dB "
                   f"drop: {row['bits_per_token_at_256']} bits ({row['codes_per_token_at_256']:,} codes) a token at "
-                  "256 tokens" + "".join(f"; ideal drop at {k}: {v} dB" for k, v in row.get("ideal_drop_db", {}).items()))
+                  "256 tokens"
+                  + "".join(f"; ideal drop at {k}: {v} dB" for k, v in row.get("ideal_drop_db", {}).items()))
             continue
         orig = row["original_psnr_db"] if row["original_psnr_db"] is not None else row["original_iou"]
         decoded = row["decoded_psnr_db"] if row["decoded_psnr_db"] is not None else row["decoded_iou"]

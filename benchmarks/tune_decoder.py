@@ -70,8 +70,7 @@ def main(argv=None) -> list[dict]:
     gq.check_tuning_args(parser, args)
     import torch
 
-    from nef_transformers.experiment import (Run, decode_codes, metrics_table, save_samples_figure,
-                                             seed_means)
+    from nef_transformers.experiment import Run, decode_codes, metrics_table, save_samples_figure, seed_means
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -410,10 +410,13 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
         assert torch.allclose(vae.decode(full_sequences), full_weights, atol=1e-5)
     # decoders tuned to NefGPT's own draws: a generation folder of the same NefGPT with the tuned VAE as its
     # tokenizer; the encoders stay, only the decoders move; the pipeline samples the same codes through them
+    from safetensors.torch import load_file as load_tensors, save_file as save_tensors
+    from transformers import pipeline
+
     from nef_transformers.data.metadata import weights_tensor
     from nef_transformers.experiment import DecoderTuning, decode_codes
-    from nef_transformers.tokenization.code import decoder_parameters
     from nef_transformers.pipelines.neural_field_generation import generate_weights
+    from nef_transformers.tokenization.code import decoder_parameters
 
     tuning = DecoderTuning(prior_codes=12, epochs=2, batch_size=8, lr=1e-3)
     folder = full.tune_decoders(3, 1.0, tuning)
@@ -439,8 +442,6 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     assert torch.equal(plain_sequences, full_sequences)  # and the cached samples are this model's draws
     through_tuned, _ = decode_codes(full.tuned_code_vae(folder), piped_sequences)
     assert torch.allclose(piped, through_tuned, atol=1e-5) and not torch.allclose(piped, plain, atol=1e-3)
-    from transformers import pipeline
-
     pipe = pipeline("neural-field-generation", model=str(folder))  # the folder as users load it
     fields = pipe(num_samples=8, top_k=3, temperature=1.0, seed=0, output_type="weights")
     assert torch.equal(torch.stack([field["weights"] for field in fields]), piped)
@@ -453,8 +454,6 @@ def test_quickstart_on_mnist_end_to_end_then_reuses_stages(tmp_path):
     # NefGPT trained again (here: its weights changed in place): decoders tuned to the old one's draws are refused
     model_file = out / "code" / "model" / "model.safetensors"
     original_model = model_file.read_bytes()
-    from safetensors.torch import load_file as load_tensors, save_file as save_tensors
-
     save_tensors({k: v * 1.01 for k, v in load_tensors(model_file).items()}, str(model_file), metadata={"format": "pt"})
     with pytest.raises(RunMismatchError, match="tuned to the draws of another NefGPT"):
         full.tune_decoders(3, 1.0, tuning)
