@@ -516,6 +516,40 @@ def test_quickstart_and_tokenize_offer_every_encoder_and_default_to_the_function
     assert NefAutoencoderConfig(spec=spec).encoder == "weights"
 
 
+def test_quickstart_with_tuned_decoders_writes_the_tuned_generator(tmp_path, capsys):
+    from safetensors.torch import load_file
+    from transformers import pipeline
+
+    from nef_transformers.cli import main
+    from nef_transformers.experiment import decode_codes
+    from nef_transformers.tokenization.code import NefCodeVAE
+
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--num-items", "40", "--out", str(out), "--strategy", "learned", "--tune-decoders",
+                 *TINY]) == 1
+    assert "--tune-decoders tunes the code strategy's decoders: pass --strategy code (got learned)" in \
+        capsys.readouterr().err
+    assert main(["quickstart", "--num-items", "40", "--out", str(out), "--strategy", "code", "--tune-decoders",
+                 *TINY]) == 0
+    assert "[quickstart] 4/6 tune decoders ..." in capsys.readouterr().out
+    summary = _read_metrics(out)
+    assert summary["rows"][0]["strategy"] == "nef_gpt-code-tuned"
+    assert "`nef-transformers quickstart --source mnist --out" in (out / "metrics.md").read_text()
+    assert "--strategy code --tune-decoders`" in (out / "metrics.md").read_text()
+    # OUT/model is the tuned generator: the pipeline samples NefGPT's codes through the tuned decoders, and those
+    # are the fields the quickstart scored
+    assert (out / "model" / "tune.json").is_file()
+    tuned = NefCodeVAE.from_pretrained(out / "model" / "tokenizer")
+    (samples_file,) = (out / "code" / "samples").glob("*.safetensors")
+    scored, _ = decode_codes(tuned, load_file(samples_file)["sequences"])
+    fields = pipeline("neural-field-generation", model=str(out / "model"))(num_samples=8, top_k=3, temperature=0.8,
+                                                                           seed=0, output_type="weights")
+    assert torch.allclose(torch.stack([field["weights"] for field in fields]), scored, atol=1e-5)
+    untuned, _ = decode_codes(NefCodeVAE.from_pretrained(out / "code" / "model" / "tokenizer"),
+                              load_file(samples_file)["sequences"])
+    assert not torch.allclose(untuned, scored, atol=1e-3)
+
+
 @pytest.mark.timeout(600)
 def test_quickstart_on_voxel_shapes_writes_meshes(tmp_path):
     from nef_transformers.cli import main
