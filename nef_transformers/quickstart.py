@@ -8,7 +8,8 @@ and baseline generators. Writes into ``--out``::
     samples.png        generated fields beside real held-out items
     metrics.md/.json   MMD, COV, 1-NNA, Fréchet distance, memorisation ratio, with the oracle / baseline rows
     loss_curves.png    fitting loss and NefGPT training / validation loss
-    model/             the trained NefGPT: pipeline("neural-field-generation", model=OUT/model) loads it
+    model/             the trained NefGPT: pipeline("neural-field-generation", model=OUT/model) loads it (with
+                       ``--strategy code --tune-decoders``: with the decoders tuned to its draws, `Run.tune_decoders`)
     meshes/            (3D sources) the generated shapes as .ply
     run.json, fields/, reference/, {strategy}/   the stages' outputs (`nef_transformers.experiment`)
 
