@@ -141,8 +141,7 @@ def run_quickstart(args) -> dict:
         weights, sequences = run.sample(top_k=args.top_k, temperature=args.temperature, seed=args.seed,
                                         return_sequences=True)
         if args.tune_decoders:  # NefGPT's codes through the tuned decoders
-            weights, latents = decode_codes(run.tuned_code_vae(model_dir), sequences)
-            return weights, latents
+            return decode_codes(run.tuned_code_vae(model_dir), sequences)
         # the learned and code strategies sample (or decode to) latents: how near the training fields' they are
         return weights, run.sequence_latents(args.strategy, sequences)
 
@@ -163,8 +162,9 @@ def run_quickstart(args) -> dict:
     shutil.rmtree(final_model, ignore_errors=True)
     os.replace(tmp, final_model)
     tuned = ", tuned decoders" if args.tune_decoders else ""
-    samples_png = save_samples_figure(run, weights, out / "samples.png",
-                                      title=f"NefGPT ({args.strategy}{tuned}, top-k {args.top_k}, T {args.temperature:g})")
+    samples_png = save_samples_figure(
+        run, weights, out / "samples.png",
+        title=f"NefGPT ({args.strategy}{tuned}, top-k {args.top_k}, T {args.temperature:g})")
     loss_png = save_loss_figure(run, args.strategy, out / "loss_curves.png")
     meshes = None
     if run.kind == "points":
@@ -176,10 +176,10 @@ def run_quickstart(args) -> dict:
     (out / "metrics.md").write_text(
         f"# Quickstart metrics\n\nSource `{args.source}`: {len(train_idx)} training items fitted (mean {quality} "
         f"{mean_quality:.3f}), {len(test_idx)} held-out items as references. Generator: NefGPT on `{args.strategy}` "
-        f"tokens{tuned}, top-k {args.top_k}, temperature {args.temperature:g}. Oracle and baselines: `oracle-train` (training "
-        f"fields as samples: the ceiling), `noisy-train` (training weights + noise), `gaussian` (a Gaussian fitted in "
-        f"weight space).\n\n{table}\n\nMMD in the distance's units (mean squared pixel difference, or Chamfer); COV "
-        f"and 1-NNA as HyperDiffusion (1-NNA 50% is ideal); memorisation ratio = median nearest-training distance of "
+        f"tokens{tuned}, top-k {args.top_k}, temperature {args.temperature:g}. Oracle and baselines: `oracle-train` "
+        f"(training fields as samples: the ceiling), `noisy-train` (training weights + noise), `gaussian` (a "
+        f"Gaussian fitted in weight space).\n\n{table}\n\nMMD in the distance's units (mean squared pixel "
+        f"difference, or Chamfer); COV and 1-NNA as HyperDiffusion (1-NNA 50% is ideal); memorisation ratio = median nearest-training distance of "
         f"samples / of held-out real items (≥ 0.9: not copies); latent NN ratio (learned strategy) = the same for "
         f"the sampled latents against the training fields' latents, the training set leave-one-out as the reference "
         f"(about 1: as new as real data; far below 1: copies). Command: `nef-transformers quickstart --source "
