@@ -179,11 +179,11 @@ def run_quickstart(args) -> dict:
         f"tokens{tuned}, top-k {args.top_k}, temperature {args.temperature:g}. Oracle and baselines: `oracle-train` "
         f"(training fields as samples: the ceiling), `noisy-train` (training weights + noise), `gaussian` (a "
         f"Gaussian fitted in weight space).\n\n{table}\n\nMMD in the distance's units (mean squared pixel "
-        f"difference, or Chamfer); COV and 1-NNA as HyperDiffusion (1-NNA 50% is ideal); memorisation ratio = median nearest-training distance of "
-        f"samples / of held-out real items (≥ 0.9: not copies); latent NN ratio (learned strategy) = the same for "
-        f"the sampled latents against the training fields' latents, the training set leave-one-out as the reference "
-        f"(about 1: as new as real data; far below 1: copies). Command: `nef-transformers quickstart --source "
-        f"{args.source} --out {args.out}{options}`.\n", encoding="utf-8")
+        f"difference, or Chamfer); COV and 1-NNA as HyperDiffusion (1-NNA 50% is ideal); memorisation ratio = "
+        f"median nearest-training distance of samples / of held-out real items (≥ 0.9: not copies); latent NN ratio "
+        f"(learned strategy) = the same for the sampled latents against the training fields' latents, the training "
+        f"set leave-one-out as the reference (about 1: as new as real data; far below 1: copies). Command: "
+        f"`nef-transformers quickstart --source {args.source} --out {args.out}{options}`.\n", encoding="utf-8")
     summary = {"out": str(out), "rows": rows, "timings_s": timings, "total_s": round(time.perf_counter() - started, 1),
                "model": str(final_model), "samples_png": str(samples_png), "loss_curves_png": str(loss_png),
                "meshes": str(meshes) if meshes else None, f"mean_{quality}": mean_quality}
