@@ -190,7 +190,7 @@ class DecoderTuning:
 
 
 def file_digest(path: Path) -> str | None:
-    """SHA-256 of a file's bytes (None when there is no file): which model drew a cached sample."""
+    """SHA-256 of a file's bytes (None when there is no file): which model drew a cached sample, or was scored."""
     import hashlib
 
     if not Path(path).is_file():

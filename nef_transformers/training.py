@@ -577,16 +577,6 @@ def load_card_metrics(path: str | Path) -> dict:
             "model": payload.get("model"), "source": payload.get("source")}
 
 
-def _file_digest(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def evaluated_checkpoint(metrics: dict, folder: Path) -> str:
     """``"this"`` when the metrics file names the model folder it evaluated and its ``model.safetensors`` equals
     ``folder``'s, ``"other"`` when they differ, ``"unknown"`` when the file names none (or it is not on this disk)."""
@@ -596,7 +586,9 @@ def evaluated_checkpoint(metrics: dict, folder: Path) -> str:
     theirs, ours = Path(named) / "model.safetensors", Path(folder) / "model.safetensors"
     if not theirs.is_file() or not ours.is_file():
         return "unknown"
-    return "this" if _file_digest(theirs) == _file_digest(ours) else "other"
+    from .experiment import file_digest
+
+    return "this" if file_digest(theirs) == file_digest(ours) else "other"
 
 
 def card_evaluation(metrics: dict, folder: Path) -> dict:
